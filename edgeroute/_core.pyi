@@ -366,9 +366,9 @@ class Router:
         limit was given back); an upstream's cool-down (``Retry-After``) and the circuit stay.
         ``ValueError`` for a bad index."""
 
-    def try_retry(self) -> bool:
-        """Takes one retry from the shared retry budget (funded by ``fund_budgets``); ``False``:
-        do not retry."""
+    def try_retry(self, route: str) -> bool:
+        """Takes one retry from the retry budget of ``route`` (funded by ``fund_budgets`` of that
+        route alone); ``False``: do not retry (and for an unknown route)."""
 
     def try_hedge(self, route: str) -> bool:
         """Takes one hedge from the hedge budget of ``route``; call when the hedge
@@ -393,10 +393,10 @@ class Router:
         a bad index."""
 
     def fund_budgets(self, route: str) -> None:
-        """Funds the shared retry budget, and ``route``'s own hedge budget, with one request sent
-        on to its deployments (call once per dispatch; refusals, cache hits and explanations fund
-        nothing). A route without hedging or with one deployment, or an unknown one, funds no
-        hedge."""
+        """Funds ``route``'s own retry and hedge budgets with one request sent on to its
+        deployments (call once per dispatch; refusals, cache hits and explanations fund
+        nothing). A route without hedging or with one deployment funds no hedge; an unknown
+        route funds nothing."""
 
     def serving_well(self, index: int) -> bool:
         """Whether deployment ``index`` serves this process's traffic well now: enough recent

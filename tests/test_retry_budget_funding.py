@@ -68,3 +68,41 @@ async def test_a_reload_applies_a_new_retry_budget(start_upstream: Any, start_pr
     text = yaml.safe_dump(cfg)
     await apply_config(proxy.app, config_mod.loads(text, "test.yaml"), text, "api", None)
     assert await calls_for_five() == 5
+
+
+async def test_a_busy_healthy_route_funds_no_retries_of_a_quiet_failing_one(
+    start_upstream: Any, start_proxy: Any
+) -> None:
+    """One retry budget for every route: model `a`'s healthy traffic funded a retry of every
+    request of model `b`, whose provider was down (each of its requests sent three times, the
+    retry storm the budget exists to prevent). Each route now retries on its own requests."""
+    up_a = await start_upstream(record=True)
+    up_b = await start_upstream(record=True, fail_status=503)
+    cfg = simple_config({"a": up_a, "b": up_b})
+    cfg["models"] = {
+        "a": {"deployments": ["d-a"], "max_attempts": 3},
+        "b": {"deployments": ["d-b"], "max_attempts": 3},
+    }
+    cfg["retry_budget"] = {"ratio": RATIO, "min_per_sec": 0, "ttl_ms": 60_000}
+    cfg["retry"] = {"base_ms": 0, "max_ms": 0}
+    cfg["health"] = {"consecutive_failures": 1000, "min_requests": 1000, "failure_rate": 1}  # never ejected
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    for i in range(100):  # the busy route: served, first try
+        await client.chat.completions.create(
+            **BODY | {"model": "a", "messages": [{"role": "user", "content": f"a {i}"}]}
+        )
+    for i in range(20):
+        with pytest.raises(openai.APIStatusError) as e:
+            await client.chat.completions.create(
+                **BODY | {"model": "b", "messages": [{"role": "user", "content": f"b {i}"}]}
+            )
+        assert e.value.status_code == 502
+    sent = len(up_b.options.requests)
+    assert sent <= 20 + int(20 * RATIO), f"{sent} upstream calls for 20 requests of `b` at a {RATIO:.0%} retry budget"
+    # The busy route's own budget is whole: its failures retry on what it funded.
+    up_a.options.fail_status = 503
+    up_a.options.requests.clear()
+    with pytest.raises(openai.APIStatusError):
+        await client.chat.completions.create(**BODY | {"model": "a"})
+    assert len(up_a.options.requests) == 3

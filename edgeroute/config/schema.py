@@ -306,6 +306,8 @@ class Rule(_Strict):
 
 
 class RetryBudget(_Strict):
+    """Each route's retries: `ratio` of its requests sent upstream in the last `ttl_ms`, plus `min_per_sec`."""
+
     ratio: float = Field(0.2, ge=0)
     min_per_sec: int = Field(10, ge=0)
     ttl_ms: int = Field(10_000, ge=1000)

@@ -227,9 +227,9 @@ class Settlements:
         for key, (delta, cap) in batch.buckets.items():
             self._pending.add_bucket(key, delta, cap)
 
-    async def close(self) -> None:
-        """Sends the counts still waiting for their timer, then waits (5 s at most) for the
-        batch in flight; nothing is carried over after this."""
+    async def close(self, within: float = 5.0) -> None:
+        """Sends the counts still waiting for their timer, then waits (`within` seconds at most)
+        for the batch in flight; nothing is carried over after this."""
         if self._count_timer is not None:
             self._count_timer.cancel()
             self._count_timer = None
@@ -237,4 +237,4 @@ class Settlements:
                 self._flusher = asyncio.get_running_loop().create_task(self._flush())
         self._closing = True
         if self._flusher is not None:
-            await asyncio.wait([self._flusher], timeout=5)
+            await asyncio.wait([self._flusher], timeout=within)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 import os
+import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -435,7 +436,9 @@ class RedisState:
                 raise StoreUnavailable("Redis holds no budgets", sent=False)
         return list(out)
 
-    async def close(self) -> None:
-        await self._settlements.close()
-        await self._outage_spend.close()
+    async def close(self, within: float = 5.0) -> None:
+        """Waits `within` seconds at most, in all, for the settlements under way, then closes."""
+        end = time.monotonic() + within
+        await self._settlements.close(within)
+        await self._outage_spend.close(max(0.0, end - time.monotonic()))
         await self.pipe.close()

@@ -81,7 +81,7 @@ class Call(Attempts):
             fallbacks_on=self._fallback_deployments,
             allowed=self._allowed,
             is_open=self._is_open,
-            try_retry=self.router.try_retry,
+            try_retry=self._try_retry,
             remaining=self._remaining,
             serving=self._serving,
             is_full=self._is_full if live.capacity.bounded else None,
@@ -89,6 +89,10 @@ class Call(Attempts):
             sender_ejected=self._sender_ejected if self.router.any_sender_ejection() else None,
             once=self.side_effect,
         )
+
+    def _try_retry(self) -> bool:
+        # The route's own budget: another route's healthy traffic funds none of its retries.
+        return self.router.try_retry(self.decision.route)
 
     def _is_full(self, index: int) -> bool:
         return index != self.granted and (

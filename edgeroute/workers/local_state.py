@@ -285,12 +285,12 @@ class SqliteState:
 
         await self._run(tx)
 
-    async def close(self) -> None:
+    async def close(self, within: float = 5.0) -> None:
         if self._count_timer is not None:
             self._count_timer.cancel()
             self._count_timer = None
         await self._send_counts()
         if self._counting:
-            await asyncio.wait(set(self._counting), timeout=5)
+            await asyncio.wait(set(self._counting), timeout=within)
         with self._lock:
             self._db.close()

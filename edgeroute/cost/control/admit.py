@@ -37,6 +37,8 @@ from edgeroute.state import STATE, Live, ServerState
 from edgeroute.workers import worker as workers
 
 log = logging.getLogger("edgeroute.cost")
+# How long closing waits, in all, for settlements and notifications under way (a drain's end).
+CLOSE_WAIT_S = 5.0
 
 
 def _enabled(cfg: Config) -> bool:
@@ -347,17 +349,26 @@ class CostControl(Reservations, RateLimits):
         return self.cfg.budgets.limits
 
     async def close(self) -> None:
-        """Waits for pending adjustments and notifications, then closes connections."""
+        """Waits for pending adjustments and notifications (`CLOSE_WAIT_S` in all), then closes
+        connections."""
+        # One deadline for every wait: each waited its own 5 s in turn, on the same stalled
+        # store (a settlement's round trip), so a drain's end took 10 s more than that store's
+        # grace, past the supervisor's (`--workers`), which then killed the worker unflushed.
+        end = time.monotonic() + CLOSE_WAIT_S
+
+        def left() -> float:
+            return max(0.0, end - time.monotonic())
+
         for task in self._restoring:
             task.cancel()
         if self.liveness is not None:
-            await self.liveness.stop()
+            await self.liveness.stop(left())
         if self._following is not None:
             self._following.cancel()
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=5)
+            await asyncio.wait(set(self._tasks), timeout=left())
         if self._session is not None:
             await self._session.close()
         await self.parallel.close()
         if self.shared is not None:
-            await self.shared.close()
+            await self.shared.close(left())

@@ -104,12 +104,13 @@ class Liveness:
         self._tasks = [loop.create_task(self._beat_loop()), loop.create_task(self._sweep_loop())]
         self.ledger.before_flush = self._before_flush
 
-    async def stop(self) -> None:
+    async def stop(self, within: float = 5.0) -> None:
+        """Stops the heartbeat and sweeps; waits `within` seconds at most for doubtful settlements."""
         self.ledger.before_flush = None
         for t in self._tasks:
             t.cancel()
         if self._resolving is not None:
-            await asyncio.wait([self._resolving], timeout=5)
+            await asyncio.wait([self._resolving], timeout=within)
 
     # -- this run ----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ pub struct RouterSpec {
     /// Routing rules, evaluated by priority (highest first), first match wins.
     #[serde(default)]
     pub rules: Vec<crate::rules::RuleSpec>,
-    /// Retry throttling shared by every request.
+    /// Retry throttling: each route's own budget, under these settings.
     #[serde(default)]
     pub retry_budget: RetryBudgetSpec,
     /// Passive health and circuit-breaking settings.

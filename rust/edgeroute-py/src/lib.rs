@@ -468,8 +468,8 @@ impl Router {
         self.inner.fund_budgets(route);
     }
 
-    fn try_retry(&self) -> bool {
-        self.inner.try_retry()
+    fn try_retry(&self, route: &str) -> bool {
+        self.inner.try_retry(route)
     }
 
     fn try_hedge(&self, route: &str) -> bool {

@@ -14,25 +14,30 @@ impl Router {
         r.hedge_budget.try_take(pct, self.now_ms())
     }
 
-    /// Funds the retry budget, and `route`'s hedge budget, with one request sent on to its
+    /// Funds `route`'s retry budget, and its hedge budget, with one request sent on to its
     /// deployments (a dispatch): not a refusal, not a cache hit, not an explanation, which send
     /// nothing upstream (funded at decision time, 400 refused or cached requests bought retries
     /// and hedges that then hammered a failing or slow upstream). A route without hedging, or
-    /// with one deployment, or an unknown one, funds no hedge. Call once a request, as it
-    /// dispatches.
+    /// with one deployment, funds no hedge; an unknown route funds nothing. Call once a
+    /// request, as it dispatches.
     pub fn fund_budgets(&self, route: &str) {
+        let Some(r) = self.route_by_name.get(route).map(|&r| &self.routes[r]) else {
+            return;
+        };
         let now_ms = self.now_ms();
-        self.retry_budget.deposit(now_ms);
-        if let Some(r) = self.route_by_name.get(route).map(|&r| &self.routes[r]) {
-            if r.spec.hedge.is_some() && r.members.len() >= 2 {
-                r.hedge_budget.note_request(now_ms);
-            }
+        r.retry_budget.deposit(now_ms);
+        if r.spec.hedge.is_some() && r.members.len() >= 2 {
+            r.hedge_budget.note_request(now_ms);
         }
     }
 
-    /// Asks the retry budget (shared by every route) for one retry.
-    pub fn try_retry(&self) -> bool {
-        self.retry_budget.try_withdraw(self.now_ms())
+    /// Asks `route`'s retry budget (funded by that route's dispatches alone, as Envoy's and
+    /// Finagle's budgets are per destination) for one retry of a request it decided; `false`
+    /// for an unknown route.
+    pub fn try_retry(&self, route: &str) -> bool {
+        self.route_by_name
+            .get(route)
+            .is_some_and(|&r| self.routes[r].retry_budget.try_withdraw(self.now_ms()))
     }
 
     /// Takes a capacity slot on deployment `index` (an attempt starts).

@@ -117,11 +117,18 @@ impl Router {
             }
             // Each route hedges on its own requests (one pool for all let a busy route pay for
             // hedging every request of a quiet one); kept over reloads by name.
-            let hedge_budget = previous
-                .and_then(|p| p.route_by_name.get(&m.name).map(|&i| p.routes[i].hedge_budget.clone()))
-                .unwrap_or_default();
+            let kept = previous.and_then(|p| p.route_by_name.get(&m.name).map(|&i| &p.routes[i]));
+            let hedge_budget = kept.map(|r| r.hedge_budget.clone()).unwrap_or_default();
+            // Retries too (one pool for all let a busy healthy route fund a retry of every
+            // request of a quiet one whose provider is down: the storm the budget prevents). Kept
+            // over a reload with its recent requests and retries, under the reload's settings.
+            let retry_budget = kept.map_or_else(
+                || Arc::new(RetryBudget::new(spec.retry_budget.clone())),
+                |r| r.retry_budget.reloaded(&spec.retry_budget),
+            );
             routes.push(Route {
                 hedge_budget,
+                retry_budget,
                 swrr: Swrr::new(members.len()),
                 encoding: members
                     .first()
@@ -175,12 +182,7 @@ impl Router {
                 }
             }
         }
-        let (retry_budget, shifts) = match previous {
-            // Kept over a reload, with its recent requests and retries under new settings (kept
-            // whole, a reload's new `retry_budget` was accepted and never applied).
-            Some(p) => (p.retry_budget.reloaded(&spec.retry_budget), p.shifts.clone()),
-            None => (Arc::new(RetryBudget::new(spec.retry_budget)), Arc::default()),
-        };
+        let shifts = previous.map(|p| p.shifts.clone()).unwrap_or_default();
         if rules.needs_task() && classifier.is_none() {
             return Err(CoreError::Config(
                 "a rule uses `tasks` but no task model is loaded".into(),
@@ -214,7 +216,6 @@ impl Router {
             route_by_name,
             rules,
             health_spec: spec.health,
-            retry_budget,
             rng: FastRng::new(seed),
             epoch,
             smallest_window: deployments

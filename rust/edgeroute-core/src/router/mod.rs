@@ -71,6 +71,8 @@ struct Route {
     spec: ModelSpec,
     /// This route's own hedge budget (`Router::fund_budgets`, `Router::try_hedge`).
     hedge_budget: Arc<HedgeBudget>,
+    /// This route's own retry budget (`Router::fund_budgets`, `Router::try_retry`).
+    retry_budget: Arc<RetryBudget>,
     members: Vec<usize>,
     swrr: Swrr,
     /// Tokenizer for prompts asked of this route (its first deployment's, or its first candidate's).
@@ -92,7 +94,6 @@ pub struct Router {
     route_by_name: HashMap<String, usize>,
     rules: Rules,
     health_spec: HealthSpec,
-    retry_budget: Arc<RetryBudget>,
     rng: FastRng,
     epoch: Instant,
     classifier: Option<Arc<Classifier>>,

@@ -219,10 +219,36 @@ fn retries_are_funded_by_dispatched_requests_not_decisions() {
     for _ in 0..400 {
         r.decide(BODY, &RequestMeta::default()).unwrap();
     }
-    assert!(!r.try_retry(), "400 decisions bought a retry");
-    // 10 requests sent on fund 5 retries, whichever route they name.
-    (0..10).for_each(|i| r.fund_budgets(if i % 2 == 0 { "m" } else { "nope" }));
-    assert_eq!((0..10).filter(|_| r.try_retry()).count(), 5);
+    assert!(!r.try_retry("m"), "400 decisions bought a retry");
+    // 10 requests sent on fund 5 retries; an unknown route funds and retries nothing.
+    (0..10).for_each(|_| r.fund_budgets("m"));
+    (0..10).for_each(|_| r.fund_budgets("nope"));
+    assert!(!r.try_retry("nope"));
+    assert_eq!((0..10).filter(|_| r.try_retry("m")).count(), 5);
+}
+
+#[test]
+fn each_route_retries_on_its_own_dispatched_requests() {
+    let spec = br#"{"deployments": [
+        {"name": "a", "provider": "p", "model": "m"}, {"name": "b", "provider": "p", "model": "m"}],
+      "models": [{"name": "busy", "deployments": ["a"]}, {"name": "quiet", "deployments": ["b"]}],
+      "retry_budget": {"ratio": 0.2, "min_per_sec": 0}}"#;
+    let r = Router::from_json(spec).unwrap();
+    // 1,000 dispatches of a healthy busy route buy a quiet, failing route no retry.
+    (0..1_000).for_each(|_| r.fund_budgets("busy"));
+    assert!(!r.try_retry("quiet"), "a busy route paid for a quiet one's retry");
+    (0..10).for_each(|_| r.fund_budgets("quiet"));
+    assert_eq!((0..10).filter(|_| r.try_retry("quiet")).count(), 2);
+    assert_eq!((0..300).filter(|_| r.try_retry("busy")).count(), 200);
+    // A reload keeps each route's own count, under its new settings.
+    let tighter = String::from_utf8_lossy(spec).replace("0.2", "0.1");
+    let again = r.reload(Router::spec_from_json(tighter.as_bytes()).unwrap()).unwrap();
+    assert!(!again.try_retry("busy") && !again.try_retry("quiet"));
+    (0..1_000).for_each(|_| again.fund_budgets("busy"));
+    // 2,000 requests at 0.1 allow 200, all taken before the reload.
+    assert_eq!((0..300).filter(|_| again.try_retry("busy")).count(), 0);
+    (0..1_000).for_each(|_| again.fund_budgets("busy"));
+    assert_eq!((0..300).filter(|_| again.try_retry("busy")).count(), 100);
 }
 
 #[test]
