@@ -38,18 +38,18 @@ async def in_thread(fn: Callable[[], T]) -> T:
 
 
 class Body:
-    """A render's exposition, and the same gzipped (made on demand, once, off the loop)."""
+    """A render's exposition, and the same gzipped (made once, off the loop, when first asked for)."""
 
     __slots__ = ("_gzipped", "text")
 
     def __init__(self, text: bytes) -> None:
         self.text = text
-        self._gzipped: bytes | None = None
+        self._gzipped: asyncio.Future[bytes] | None = None
 
     async def gzipped(self) -> bytes:
-        if self._gzipped is None:
-            self._gzipped = await in_thread(lambda: gzip.compress(self.text, GZIP_LEVEL, mtime=0))
-        return self._gzipped
+        if self._gzipped is None:  # the scrapes that share the render share its compression too
+            self._gzipped = asyncio.ensure_future(in_thread(lambda: gzip.compress(self.text, GZIP_LEVEL, mtime=0)))
+        return await asyncio.shield(self._gzipped)
 
 
 class Renders:

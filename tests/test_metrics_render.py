@@ -45,10 +45,16 @@ async def test_concurrent_scrapes_share_one_render(start_proxy, monkeypatch: pyt
         metrics.observe(_record(f"team-{t:03d}"))
     monkeypatch.setattr(metrics_render, "REUSE_MAX_S", 60.0)  # a window no test outlasts
     monkeypatch.setattr(metrics_render, "REUSE_FACTOR", 1e9)
+    compressed: list[int] = []
+    real_compress = gzip.compress
+    monkeypatch.setattr(gzip, "compress", lambda data, *a, **k: compressed.append(1) or real_compress(data, *a, **k))
     got = await asyncio.gather(*(_get(proxy.url) for _ in range(20)))
     assert {status for status, _, _ in got} == {200}
     assert len({body for _, _, body in got}) == 1  # the same exposition for all
     assert metrics.own.made == 1
+    zipped = await asyncio.gather(*(_get(proxy.url, "gzip") for _ in range(20)))  # as Prometheus asks
+    assert {gzip.decompress(body) for _, _, body in zipped} == {got[0][2]}
+    assert metrics.own.made == 1 and len(compressed) == 1  # compressed once for all
     text = got[0][2].decode()
     check_exposition(text)
     assert Scrape(text).value("edgeroute_tokens_total", route="m", deployment="d", team="team-299", kind="prompt") == 10
