@@ -18,7 +18,7 @@ multiprocess mode would do that for its own metric objects, which cost about fou
 much per request here (see `Metrics`).
 
 A scrape's numbers are copied on the loop and formatted in a thread, one render shared by the
-scrapes that arrive together and reused for a short window (`metrics_render`).
+scrapes that arrive together, begun after they arrived and paced (`metrics_render`).
 """
 
 from __future__ import annotations

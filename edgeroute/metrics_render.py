@@ -4,10 +4,13 @@ A scrape formatted every series on the loop (40 ms for 3,000 series): 20 clients
 `/metrics` held every request for seconds. Now a render reads the numbers on the loop (a copy
 of the counters' tables and the state gauges: a fraction of a millisecond) and formats the text
 in a thread of its own, which the loop takes the GIL back from within the switch interval
-(`looplag.SWITCH_INTERVAL_S`). Scrapes that arrive while a render is made wait for it, and a
-finished render also answers the scrapes that arrive within `REUSE_FACTOR` times the time it
-took (at most `REUSE_MAX_S`): however many clients loop on `/metrics`, renders take about a
-tenth of the time at most, and what a scrape shows is at most that old.
+(`looplag.SWITCH_INTERVAL_S`).
+
+Every scrape is answered by a render that began after it arrived (what it shows is never older
+than the scrape), and the scrapes that arrive together share it. A render begins at least
+`GAP_FACTOR` times the previous one's duration after that one ended (at most `GAP_MAX_S`): a
+scrape waits for that gap, so however many clients loop on `/metrics`, renders take about a
+tenth of the time at most, and each client gets at most one answer a gap.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-REUSE_FACTOR = 10
-REUSE_MAX_S = 1.0
+GAP_FACTOR = 10
+GAP_MAX_S = 1.0
 # Fast enough to stay small off the loop: level 1 is 4x faster than 6 and within 20% of its size.
 GZIP_LEVEL = 1
 
@@ -53,32 +56,37 @@ class Body:
 
 
 class Renders:
-    """The last render, reused for a window, and the one being made, awaited by every scrape
-    that arrives meanwhile."""
+    """The render being made, and the next one, which every scrape that arrives meanwhile awaits."""
 
     def __init__(self) -> None:
-        self._last: Body | None = None
-        self._fresh_until = 0.0
-        self._making: asyncio.Task[Body] | None = None
+        self._making: asyncio.Future[Body] | None = None
+        self._next: asyncio.Future[Body] | None = None
+        self._not_before = 0.0  # when the gap after the last render ends
         self.made = 0  # renders made (for tests: N concurrent scrapes make one)
 
     async def get(self, make: Callable[[], Awaitable[bytes]]) -> Body:
-        if self._last is not None and time.monotonic() < self._fresh_until:
-            return self._last
-        if self._making is None:
-            self._making = asyncio.ensure_future(self._make(make))
+        """A render begun after now."""
+        if self._next is None:
+            self._next = asyncio.ensure_future(self._after_the_gap(make))
             # A render whose scrapers all went away: its outcome is nobody's to read.
-            self._making.add_done_callback(lambda t: t.cancelled() or t.exception())
+            self._next.add_done_callback(lambda t: t.cancelled() or t.exception())
         # Shielded: a scraper that goes away does not cancel the others' render.
-        return await asyncio.shield(self._making)
+        return await asyncio.shield(self._next)
 
-    async def _make(self, make: Callable[[], Awaitable[bytes]]) -> Body:
+    async def _after_the_gap(self, make: Callable[[], Awaitable[bytes]]) -> Body:
+        if self._making is not None:
+            await asyncio.wait([self._making])
+        if (gap := self._not_before - time.monotonic()) > 0:
+            await asyncio.sleep(gap)
+        # From here the numbers are read (`make` reads them before it first awaits): a scrape that
+        # arrives now waits for the render after this one.
+        self._making, self._next = self._next, None
         started = time.monotonic()
         try:
             body = Body(await make())
-            now = time.monotonic()
-            self._last, self._fresh_until = body, now + min(REUSE_MAX_S, REUSE_FACTOR * (now - started))
             self.made += 1
             return body
         finally:
+            now = time.monotonic()
+            self._not_before = now + min(GAP_MAX_S, GAP_FACTOR * (now - started))
             self._making = None

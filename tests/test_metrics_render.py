@@ -1,5 +1,5 @@
-"""`/metrics` under many scrapers: one render shared by the scrapes that arrive together, reused
-for a bounded window, formatted off the event loop (`edgeroute.metrics_render`)."""
+"""`/metrics` under many scrapers: one render shared by the scrapes that arrive together, begun
+after each of them arrived, paced, and formatted off the event loop (`edgeroute.metrics_render`)."""
 
 from __future__ import annotations
 
@@ -43,41 +43,55 @@ async def test_concurrent_scrapes_share_one_render(start_proxy, monkeypatch: pyt
     metrics = proxy.app[METRICS]
     for t in range(300):
         metrics.observe(_record(f"team-{t:03d}"))
-    monkeypatch.setattr(metrics_render, "REUSE_MAX_S", 60.0)  # a window no test outlasts
-    monkeypatch.setattr(metrics_render, "REUSE_FACTOR", 1e9)
     compressed: list[int] = []
     real_compress = gzip.compress
     monkeypatch.setattr(gzip, "compress", lambda data, *a, **k: compressed.append(1) or real_compress(data, *a, **k))
-    got = await asyncio.gather(*(_get(proxy.url) for _ in range(20)))
+    got = await asyncio.gather(*(_get(proxy.url, "gzip") for _ in range(20)))  # as Prometheus asks
     assert {status for status, _, _ in got} == {200}
-    assert len({body for _, _, body in got}) == 1  # the same exposition for all
-    assert metrics.own.made == 1
-    zipped = await asyncio.gather(*(_get(proxy.url, "gzip") for _ in range(20)))  # as Prometheus asks
-    assert {gzip.decompress(body) for _, _, body in zipped} == {got[0][2]}
-    assert metrics.own.made == 1 and len(compressed) == 1  # compressed once for all
-    text = got[0][2].decode()
-    check_exposition(text)
-    assert Scrape(text).value("edgeroute_tokens_total", route="m", deployment="d", team="team-299", kind="prompt") == 10
-    # Within the window a scrape is answered by the same render: what happened since is not in it.
-    metrics.observe(_record("late-team"))
-    _, _, again = await _get(proxy.url)
-    assert again == got[0][2] and metrics.own.made == 1
+    # The scrapes that arrived before it began share the first render, those after it the next.
+    assert metrics.own.made <= 2 and len(compressed) == metrics.own.made
+    texts = {gzip.decompress(body).decode() for _, _, body in got}
+    assert len(texts) <= 2
+    for text in texts:
+        check_exposition(text)
+        assert (
+            Scrape(text).value("edgeroute_tokens_total", route="m", deployment="d", team="team-299", kind="prompt")
+            == 10
+        )
 
 
-async def test_a_scrape_shows_what_happened_once_its_window_is_over(start_proxy) -> None:
-    """The staleness bound: a render is reused for at most `REUSE_MAX_S` (ten times what it
-    took, a few ms for a small config), so a scrape soon shows a request that finished."""
+async def test_scrapers_looping_on_metrics_get_a_render_a_gap(start_proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """However many clients loop on `/metrics`, a render begins only once the gap after the last
+    one is over: each looping client waits for it, and they all share that render."""
     proxy: Proxy = await start_proxy(CFG)
     metrics = proxy.app[METRICS]
-    await _get(proxy.url)
-    metrics.observe(_record("new-team"))
+    monkeypatch.setattr(metrics_render, "GAP_MAX_S", 0.2)
+    monkeypatch.setattr(metrics_render, "GAP_FACTOR", 1e9)
 
-    async def shown() -> bool:
+    async def loop_on_metrics() -> None:
+        for _ in range(4):
+            status, _, _ = await _get(proxy.url)
+            assert status == 200
+
+    await asyncio.gather(*(loop_on_metrics() for _ in range(10)))
+    assert metrics.own.made <= 2 * 4, metrics.own.made  # not one per scrape (40)
+
+
+async def test_a_scrape_shows_what_happened_before_it_arrived(start_proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every scrape is answered by a render begun after it arrived: a request that finished
+    before it is in it, however recent the previous render."""
+    proxy: Proxy = await start_proxy(CFG)
+    metrics = proxy.app[METRICS]
+    monkeypatch.setattr(metrics_render, "GAP_MAX_S", 0.3)
+    monkeypatch.setattr(metrics_render, "GAP_FACTOR", 1e9)
+    for team in ("first-team", "second-team"):
+        metrics.observe(_record(team))
         _, _, body = await _get(proxy.url)
-        return Scrape(body.decode()).value("edgeroute_tokens_total", team="new-team", route="m", deployment="d",
-                                           kind="prompt") == 10  # fmt: skip
-
-    await eventually(shown, "the new team's tokens scraped", within=metrics_render.REUSE_MAX_S + 1)
+        value = Scrape(body.decode()).value(
+            "edgeroute_tokens_total", team=team, route="m", deployment="d", kind="prompt"
+        )
+        assert value == 10, team
+    assert metrics.own.made == 2
 
 
 async def test_the_exposition_is_formatted_off_the_event_loop(start_proxy, monkeypatch: pytest.MonkeyPatch) -> None:
