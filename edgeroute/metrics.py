@@ -362,8 +362,10 @@ class Metrics:
         return await metrics_render.in_thread(self.snapshot(app))
 
     async def own_body(self, app: web.Application) -> bytes:
-        """This process's exposition, shared by the scrapes that arrive together (`metrics_render`)."""
-        return (await self.own.get(lambda: self.rendered(app))).text
+        """This worker's exposition, for a scrape's merge (its own or a sibling's): shared by the
+        merges that ask together, not paced (each worker paces its merges; waiting for a gap
+        here too could outlast `peers.PEER_TIMEOUT_S`, the worker then counted down)."""
+        return (await self.own.get(lambda: self.rendered(app), paced=False)).text
 
 
 class _Fixed(CollectorRegistry):

@@ -64,19 +64,20 @@ class Renders:
         self._not_before = 0.0  # when the gap after the last render ends
         self.made = 0  # renders made (for tests: N concurrent scrapes make one)
 
-    async def get(self, make: Callable[[], Awaitable[bytes]]) -> Body:
-        """A render begun after now."""
+    async def get(self, make: Callable[[], Awaitable[bytes]], paced: bool = True) -> Body:
+        """A render begun after now (`paced=False`: without waiting for the gap, where the caller
+        is paced already)."""
         if self._next is None:
-            self._next = asyncio.ensure_future(self._after_the_gap(make))
+            self._next = asyncio.ensure_future(self._after_the_gap(make, paced))
             # A render whose scrapers all went away: its outcome is nobody's to read.
             self._next.add_done_callback(lambda t: t.cancelled() or t.exception())
         # Shielded: a scraper that goes away does not cancel the others' render.
         return await asyncio.shield(self._next)
 
-    async def _after_the_gap(self, make: Callable[[], Awaitable[bytes]]) -> Body:
+    async def _after_the_gap(self, make: Callable[[], Awaitable[bytes]], paced: bool) -> Body:
         if self._making is not None:
             await asyncio.wait([self._making])
-        if (gap := self._not_before - time.monotonic()) > 0:
+        if paced and (gap := self._not_before - time.monotonic()) > 0:
             await asyncio.sleep(gap)
         # From here the numbers are read (`make` reads them before it first awaits): a scrape that
         # arrives now waits for the render after this one.

@@ -126,8 +126,9 @@ async def test_a_scraper_that_accepts_gzip_gets_it(start_proxy) -> None:
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
     status, headers, plain = await _get(proxy.url)
     assert "Content-Encoding" not in headers
-    assert gzip.decompress(zipped) == plain
-    check_exposition(plain.decode())
+    for text in (gzip.decompress(zipped).decode(), plain.decode()):  # two renders: the same series
+        check_exposition(text)
+        assert Scrape(text).value("edgeroute_tokens_total", team="t", route="m", deployment="d", kind="prompt") == 10
 
 
 async def test_a_scraper_that_goes_away_does_not_cancel_the_others_render(
@@ -152,3 +153,21 @@ async def test_a_scraper_that_goes_away_does_not_cancel_the_others_render(
     status, _, body = await staying
     assert status == 200 and b"edgeroute_requests_in_flight" in body
     assert metrics.own.made == 1
+
+
+async def test_a_workers_own_render_for_a_merge_is_not_paced(start_proxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under `serve --workers` each worker paces the scrapes it takes; a sibling's ask for its
+    own exposition (`peers`) is answered at once: waiting for its gap as well could outlast the
+    merge's `PEER_TIMEOUT_S`, the worker then counted down."""
+    proxy: Proxy = await start_proxy(CFG)
+    metrics = proxy.app[METRICS]
+    monkeypatch.setattr(metrics_render, "GAP_MAX_S", 60.0)
+    monkeypatch.setattr(metrics_render, "GAP_FACTOR", 1e9)
+    async with asyncio.timeout(10):
+        for team in ("first-team", "second-team"):
+            metrics.observe(_record(team))
+            text = (await metrics.own_body(proxy.app)).decode()
+            assert (
+                Scrape(text).value("edgeroute_tokens_total", team=team, route="m", deployment="d", kind="prompt") == 10
+            )
+    assert metrics.own.made == 2
