@@ -27,7 +27,7 @@ from edgeroute.telemetry import otlp
 from edgeroute.telemetry.spans import Tracer
 from edgeroute.telemetry.trace_context import parse_traceparent
 from edgeroute.telemetry.tracing import TRACER
-from tests.conftest import ProxyTestServer, simple_config
+from tests.conftest import ProxyTestServer, eventually, simple_config
 from tests.metrics_support import scrape
 from tests.serve_support import free_port
 
@@ -298,6 +298,47 @@ async def test_a_collector_whose_answer_never_ends_holds_no_export(start_upstrea
                 break
             await asyncio.sleep(0.1)
         assert exported == 3  # request, decision, attempt: counted while the collector still streams
+    finally:
+        ending.set()
+        await client.close()
+
+
+async def test_a_collector_that_trickles_its_short_answer_holds_no_export(start_upstream, serve_app) -> None:
+    """A collector that announces a short answer (`Content-Length`) and sends it a byte at a
+    time, each within the read timeout: its body is waited for the export's timeout at most. The
+    exporter read it to its end, the export thread held for as long (a thousand bytes at 0.2 s:
+    over three minutes), every span meanwhile dropped."""
+    received = asyncio.Event()
+    ending = asyncio.Event()
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        received.set()
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/x-protobuf"})
+        resp.content_length = 1000
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(1000):
+                if ending.is_set():
+                    break
+                await resp.write(b"\0")
+                await asyncio.sleep(0.2)
+        return resp
+
+    collector = web.Application()
+    collector.router.add_post("/v1/traces", trickle)
+    endpoint = await serve_app(collector)
+    up = await start_upstream()
+    url = await serve_app(create_app(_config(up, endpoint=endpoint + "/v1/traces"), "test.yaml", MemoryRecorder()))
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    try:
+        await client.chat.completions.create(model="m", messages=MSG)
+        await asyncio.wait_for(received.wait(), 10)
+
+        async def exported() -> float | None:
+            return (await scrape(url)).value("edgeroute_trace_spans_total", result="exported")
+
+        assert await eventually(exported, "the export ended", within=8) == 3  # within its 1 s timeout, give or take
     finally:
         ending.set()
         await client.close()
