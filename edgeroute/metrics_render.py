@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+from edgeroute.background import lower_priority
+
 GAP_FACTOR = 10
 GAP_MAX_S = 1.0
 # Fast enough to stay small off the loop: level 1 is 4x faster than 6 and within 20% of its size.
@@ -36,7 +38,8 @@ async def in_thread(fn: Callable[[], T]) -> T:
     loop's default executor, which DNS lookups and file reads share)."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(1, thread_name_prefix="metrics-render")
+        # At a lower priority: with the GIL shared, the loop wins the CPU when both want it.
+        _pool = ThreadPoolExecutor(1, thread_name_prefix="metrics-render", initializer=lower_priority)
     return await asyncio.get_running_loop().run_in_executor(_pool, fn)
 
 
