@@ -354,9 +354,6 @@ class Metrics:
         shown = self.label_values.current()
         return lambda: generate_latest(_Fixed([*self._families(*numbers, shown), *state]))
 
-    def render(self, app: web.Application) -> bytes:
-        return self.snapshot(app)()
-
     async def rendered(self, app: web.Application) -> bytes:
         """This process's exposition, formatted off the loop."""
         return await metrics_render.in_thread(self.snapshot(app))
