@@ -16,6 +16,9 @@ families (`Metrics.collect`). Under `serve --workers N` each worker holds its ow
 worker that takes a scrape merges its siblings' (`workers/merge.py`): prometheus_client's
 multiprocess mode would do that for its own metric objects, which cost about four times as
 much per request here (see `Metrics`).
+
+A scrape's numbers are copied on the loop and formatted in a thread, one render shared by the
+scrapes that arrive together, begun after they arrived and paced (`metrics_render`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from edgeroute import redact, secrets
+from edgeroute import metrics_render, redact, secrets
 from edgeroute.accounting import OVERRAN, RequestRecord
 from edgeroute.admission import ADMISSION, Admission
 from edgeroute.config import Budget
@@ -42,7 +45,7 @@ from edgeroute.cost.ledger import Ledger
 from edgeroute.state import RECORDER, STATE, Live
 from edgeroute.workers import peers
 from edgeroute.workers.merge import merge
-from edgeroute.workers.worker import WORKER
+from edgeroute.workers.worker import WORKER, Worker
 
 # Seconds. Requests and upstream calls run from milliseconds (cached, tiny) to minutes (long streams).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -171,6 +174,9 @@ class Metrics:
         self.client_connections: Sized = ()  # the server's open client connections (a set)
         self.sources: list[StateSource] = [ledger_source, budget_source, secrets_source]
         self.label_values = _LabelValues()
+        # The last render of this process's series and of the server's (merged under `--workers`).
+        self.own = metrics_render.Renders()
+        self.merged = metrics_render.Renders()
         # Budgets counted in a shared store (Redis, the workers' file), as the telemetry loop last
         # read them: a scrape cannot wait for the store, and this process's counters hold nothing.
         self.shared_budgets: list[tuple[Budget, float]] = []
@@ -305,38 +311,69 @@ class Metrics:
                 self._count("hedge_wins", route).n += 1
 
     def collect(self) -> Iterable[Metric]:
-        """The per-request families. Label values are config names (and edgeroute's own words);
-        they still go through the redaction layer: a secret pasted into a name must not be scraped."""
-        shown = self.label_values.current()
+        """The per-request families, as a scrape shows them."""
+        return self._families(*self._numbers(), self.label_values.current())
+
+    def _numbers(self) -> tuple[dict[str, dict[tuple[Any, ...], _Count]], dict[str, list[tuple[Any, ...]]]]:
+        """The per-request numbers as they are now, for a thread to format while the loop adds to
+        them: the counters' tables copied (a counter's value is one float, read whole) and the
+        observed histograms' cells (a bucket and the sum are added to apart)."""
+        counters = {key: table.copy() for key, table in self.counters.items()}
+        histograms = {
+            key: [(values, h.counts.copy(), h.sum) for values, h in table.items() if any(h.counts)]
+            for key, table in self.histograms.items()
+        }
+        return counters, histograms
+
+    @staticmethod
+    def _families(
+        counters: dict[str, dict[tuple[Any, ...], _Count]],
+        histograms: dict[str, list[tuple[Any, ...]]],
+        shown: Callable[[str], str],
+    ) -> Iterator[Metric]:
+        """Label values are config names (and edgeroute's own words); they still go through the
+        redaction layer: a secret pasted into a name must not be scraped."""
         for key, (name, doc, labels, buckets) in _FAMILIES.items():
             if buckets is None:
                 counter = CounterMetricFamily(name, doc, labels=list(labels))
-                for values, count in list(self.counters[key].items()):
+                for values, count in counters[key].items():
                     counter.add_metric([shown(str(v)) for v in values], count.n)
                 yield counter
             else:
                 hist = HistogramMetricFamily(name, doc, labels=list(labels))
                 les = [*(repr(b) for b in buckets), "+Inf"]
-                for values, h in list(self.histograms[key].items()):
-                    if not any(h.counts):  # made with its route (`_route`), never observed yet
-                        continue
-                    cumulative: list[tuple[str, float]] = list(zip(les, itertools.accumulate(h.counts), strict=True))
-                    hist.add_metric([shown(v) for v in values], cumulative, h.sum)
+                for values, counts, total in histograms[key]:  # observed ones only (`_request` makes them early)
+                    cumulative: list[tuple[str, float]] = list(zip(les, itertools.accumulate(counts), strict=True))
+                    hist.add_metric([shown(v) for v in values], cumulative, total)
                 yield hist
 
-    def render(self, app: web.Application) -> bytes:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collected(self))
-        registry.register(StateCollector(app, self))
-        return generate_latest(registry)
+    def snapshot(self, app: web.Application) -> Callable[[], bytes]:
+        """Reads the numbers, on the loop (a copy: cheap); returns their formatting, for a thread."""
+        numbers = self._numbers()
+        state = list(StateCollector(app, self).collect())
+        shown = self.label_values.current()
+        return lambda: generate_latest(_Fixed([*self._families(*numbers, shown), *state]))
+
+    async def rendered(self, app: web.Application) -> bytes:
+        """This process's exposition, formatted off the loop."""
+        return await metrics_render.in_thread(self.snapshot(app))
+
+    async def own_body(self, app: web.Application) -> bytes:
+        """This worker's exposition, for a scrape's merge (its own or a sibling's): shared by the
+        merges that ask together, not paced (each worker paces its merges; waiting for a gap
+        here too could outlast `peers.PEER_TIMEOUT_S`, the worker then counted down)."""
+        return (await self.own.get(lambda: self.rendered(app), paced=False)).text
 
 
-class _Collected(Collector):
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
+class _Fixed(CollectorRegistry):
+    """A registry of families already read."""
 
-    def collect(self) -> Iterable[Metric]:
-        return self._metrics.collect()
+    def __init__(self, families: list[Metric]) -> None:
+        super().__init__(auto_describe=False)
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
 
 
 class StateCollector(Collector):
@@ -514,12 +551,23 @@ METRICS = web.AppKey("metrics", Metrics)
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
-    request.app[STATE].live.access.check_metrics(request)
-    body = request.app[METRICS].render(request.app)
-    worker = request.app.get(WORKER)
-    if worker is not None:  # one scrape for the whole server: every worker's numbers, merged
-        bodies = {worker.id: body, **await peers.siblings(worker)}
-        body = merge(bodies, worker.restarts())
+    app = request.app
+    app[STATE].live.access.check_metrics(request)
+    metrics = app[METRICS]
+    worker = app.get(WORKER)
+    if worker is None:
+        body = await metrics.own.get(lambda: metrics.rendered(app))
+    else:  # one scrape for the whole server: every worker's numbers, merged
+        body = await metrics.merged.get(lambda: _merged(app, worker))
     # Its series name keys and teams: not kept by a browser or a cache, as the admin API's answers.
     headers = {"Content-Type": CONTENT_TYPE, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
-    return web.Response(body=body, headers=headers)
+    if "gzip" in request.headers.get("Accept-Encoding", ""):  # as Prometheus asks: a tenth of the bytes
+        headers |= {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+        return web.Response(body=await body.gzipped(), headers=headers)
+    return web.Response(body=body.text, headers=headers)
+
+
+async def _merged(app: web.Application, worker: Worker) -> bytes:
+    bodies = {worker.id: await app[METRICS].own_body(app), **await peers.siblings(worker)}
+    restarts = worker.restarts()
+    return await metrics_render.in_thread(lambda: merge(bodies, restarts))

@@ -466,7 +466,7 @@ async def serve_async(
     if reload_signal.take():  # asked while this server was starting (`serve` notes it)
         on_hup()
     # Ready for the supervisor only now: a SIGHUP it forwards must find the handler.
-    own_metrics = await peers.join(worker, lambda: app[METRICS].render(app)) if worker is not None else None
+    own_metrics = await peers.join(worker, lambda: app[METRICS].own_body(app)) if worker is not None else None
     try:
         await stop.wait()
     finally:

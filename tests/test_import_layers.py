@@ -115,6 +115,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "edgeroute.health_share",
             "edgeroute.capacity_share",
             "edgeroute.learning_share",
+            "edgeroute.metrics_render",  # one render shared by concurrent scrapes, off the loop
             "edgeroute.metrics",
             "edgeroute.looplag",
             "edgeroute.reload",

@@ -27,7 +27,7 @@ from edgeroute.telemetry import otlp
 from edgeroute.telemetry.spans import Tracer
 from edgeroute.telemetry.trace_context import parse_traceparent
 from edgeroute.telemetry.tracing import TRACER
-from tests.conftest import ProxyTestServer, simple_config
+from tests.conftest import ProxyTestServer, eventually, simple_config
 from tests.metrics_support import scrape
 from tests.serve_support import free_port
 
@@ -263,41 +263,69 @@ def test_opentelemetry_is_loaded_only_when_tracing_is_on() -> None:
     assert loaded == {"off": "[]", "on": "['opentelemetry']"}
 
 
-async def test_a_collector_whose_answer_never_ends_holds_no_export(start_upstream, serve_app) -> None:
-    """A collector (hostile or broken) that answers 200 and streams its body without end: the
-    status is the answer. The exporter read the whole body, which never came: the export
-    thread was held for good (every later span dropped) while the body grew in memory."""
+async def _exported_while_answered(
+    serve_app: Any, start_upstream: Any, send: Any, content_length: int | None = None, within: float = 3
+) -> None:
+    """A traced request's three spans (request, decision, attempt) are counted as exported within
+    `within` seconds while the collector still answers: status 200, then `send(resp, ending)`
+    writing its body until `ending` is set."""
     received = asyncio.Event()
     ending = asyncio.Event()
 
-    async def endless(request: web.Request) -> web.StreamResponse:
+    async def answer(request: web.Request) -> web.StreamResponse:
         await request.read()
         received.set()
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/x-protobuf"})
+        if content_length is not None:
+            resp.content_length = content_length
         await resp.prepare(request)
         with contextlib.suppress(ConnectionError):
-            while not ending.is_set():  # 6 MB/s: bounded for the test's sake, endless for the exporter
-                await resp.write(b"\0" * 65536)
-                await asyncio.sleep(0.01)
+            await send(resp, ending)
         return resp
 
     collector = web.Application()
-    collector.router.add_post("/v1/traces", endless)
+    collector.router.add_post("/v1/traces", answer)
     endpoint = await serve_app(collector)
     up = await start_upstream()
-    cfg = _config(up, endpoint=endpoint + "/v1/traces")
-    url = await serve_app(create_app(cfg, "test.yaml", MemoryRecorder()))
+    url = await serve_app(create_app(_config(up, endpoint=endpoint + "/v1/traces"), "test.yaml", MemoryRecorder()))
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     try:
         await client.chat.completions.create(model="m", messages=MSG)
         await asyncio.wait_for(received.wait(), 10)
-        exported = None
-        for _ in range(30):
-            exported = (await scrape(url)).value("edgeroute_trace_spans_total", result="exported")
-            if exported:
-                break
-            await asyncio.sleep(0.1)
-        assert exported == 3  # request, decision, attempt: counted while the collector still streams
+
+        async def exported() -> float | None:
+            return (await scrape(url)).value("edgeroute_trace_spans_total", result="exported")
+
+        assert await eventually(exported, "the spans counted as exported", within=within) == 3
     finally:
         ending.set()
         await client.close()
+
+
+async def test_a_collector_whose_answer_never_ends_holds_no_export(start_upstream, serve_app) -> None:
+    """A collector (hostile or broken) that answers 200 and streams its body without end: the
+    status is the answer. The exporter read the whole body, which never came: the export
+    thread was held for good (every later span dropped) while the body grew in memory."""
+
+    async def endless(resp: web.StreamResponse, ending: asyncio.Event) -> None:
+        while not ending.is_set():  # 6 MB/s: bounded for the test's sake, endless for the exporter
+            await resp.write(b"\0" * 65536)
+            await asyncio.sleep(0.01)
+
+    await _exported_while_answered(serve_app, start_upstream, endless)
+
+
+async def test_a_collector_that_trickles_its_short_answer_holds_no_export(start_upstream, serve_app) -> None:
+    """A collector that announces a short answer (`Content-Length`) and sends it a byte at a
+    time, each within the read timeout: its body is waited for the export's timeout (1 s) at
+    most. The exporter read it to its end, the export thread held for as long (a thousand bytes
+    at 0.2 s: over three minutes), every span meanwhile dropped."""
+
+    async def trickle(resp: web.StreamResponse, ending: asyncio.Event) -> None:
+        for _ in range(1000):
+            if ending.is_set():
+                break
+            await resp.write(b"\0")
+            await asyncio.sleep(0.2)
+
+    await _exported_while_answered(serve_app, start_upstream, trickle, content_length=1000, within=8)

@@ -129,3 +129,19 @@ async def test_a_webhook_whose_answer_never_ends_is_told_once(start_upstream: An
         assert sent_bytes[0] < 64 * 2**20  # the receiver's stream was not read on
     finally:
         await server.close()
+
+
+def test_a_slack_message_shows_names_as_written() -> None:
+    """A name in an alert (a key's, a team's) holding Slack's markup is shown, not acted on: no
+    `<!channel>` ping for everyone, no link whose text hides where it goes."""
+    import orjson
+
+    from edgeroute.telemetry.notify import Notification, body_for
+
+    message = "dep-errors: d-a: error rate 50% (team <!channel> & <https://evil.example|sign in again>: set aside)"
+    alert = {"severity": "critical", "message": message}
+    text = orjson.loads(body_for("slack", Notification("chat", "firing", alert)))["text"]
+    assert "<" not in text and ">" not in text
+    assert "team &lt;!channel&gt; &amp; &lt;https://evil.example|sign in again&gt;" in text
+    # The generic JSON body carries the alert as it is: its reader escapes for its own medium.
+    assert orjson.loads(body_for("json", Notification("ops", "firing", alert)))["alert"]["message"] == message

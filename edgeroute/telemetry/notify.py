@@ -49,9 +49,16 @@ class Notification:
 def body_for(fmt: str, n: Notification) -> bytes:
     if fmt == "slack":
         a = n.alert
-        text = f"{_ICONS.get(n.event, '')} [{n.event.upper()}] {a['severity']}: {a['message']}"
+        text = f"{_ICONS.get(n.event, '')} [{n.event.upper()}] {a['severity']}: {_slack_text(a['message'])}"
         return orjson.dumps({"text": text.strip()})
     return orjson.dumps({"source": "edgeroute", "event": n.event, "alert": n.alert})
+
+
+def _slack_text(text: str) -> str:
+    """`text` shown as written: Slack reads `<...>` as a mention or a link (`<!channel>` pings
+    everyone, `<https://x|Sign in again>` hides where it goes) and `&` as an entity's start. A
+    message holds names (a key's, a team's, a deployment's) that need not be the operator's own."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def longest_delivery_s(hook: Webhook) -> float:

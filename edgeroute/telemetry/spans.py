@@ -17,13 +17,16 @@ unreachable collector never slows or fails a request and never grows memory.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import requests
+import urllib3
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
@@ -61,6 +64,7 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 # again for export): a traced request costs the event loop an append, not ~0.1 ms of building.
 _BUILD_EVERY_S = 0.05
 _COLLECTOR_BODY_BYTES = 64 * 1024  # a longer (or unannounced) answer is not read
+_BODY_WITHIN_S = 10.0  # an answer's body comes within its request's timeout (this, without one)
 
 
 def _ns(t: float) -> int:
@@ -77,11 +81,29 @@ class _StatusOnly(requests.Session):
         resp = super().request(*args, **{**kwargs, "stream": True})
         length = resp.headers.get("Content-Length", "")
         if length.isdigit() and int(length) <= _COLLECTOR_BODY_BYTES:
-            _ = resp.content  # read now, as requests does (OTLP's answers are small): the connection is kept
-            return resp
+            timeout = kwargs.get("timeout")
+            body = _read_within(resp, timeout if isinstance(timeout, int | float) else _BODY_WITHIN_S)
+            if body is not None:  # read now, as requests does (OTLP's answers are small): the connection is kept
+                resp._content = body
+                return resp
         resp._content = b""  # as if read: the exporter's `text` and `content` see an empty body
         resp.close()  # left unread, the connection is closed rather than reused
         return resp
+
+
+def _read_within(resp: requests.Response, seconds: float) -> bytes | None:
+    """The answer's body, or None when it did not come whole within `seconds` (give or take one
+    read's timeout). Its length announced, a body trickled a byte per read timeout held the export
+    thread for hours (every later span dropped), as requests reads it to its end."""
+    deadline = time.monotonic() + seconds
+    body = bytearray()
+    with contextlib.suppress(requests.RequestException, OSError, urllib3.exceptions.HTTPError):
+        while chunk := resp.raw.read1(_COLLECTOR_BODY_BYTES, decode_content=True):
+            body += chunk
+            if len(body) > _COLLECTOR_BODY_BYTES or time.monotonic() > deadline:
+                return None
+        return bytes(body)
+    return None
 
 
 class _CountingExporter(SpanExporter):

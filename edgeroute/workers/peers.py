@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -22,11 +22,11 @@ PEER_TIMEOUT_S = 2.0
 OWN_PATH = "/metrics/own"
 
 
-async def serve_own(worker: Worker, render: Callable[[], bytes]) -> web.AppRunner:
+async def serve_own(worker: Worker, render: Callable[[], Awaitable[bytes]]) -> web.AppRunner:
     """Serves this worker's own metrics on its socket until the runner is cleaned up."""
 
     async def own(_: web.Request) -> web.Response:
-        return web.Response(body=render(), content_type="text/plain")
+        return web.Response(body=await render(), content_type="text/plain")
 
     app = web.Application()
     app.router.add_get(OWN_PATH, own)
@@ -57,7 +57,7 @@ async def siblings(worker: Worker) -> dict[int, bytes | None]:
     return dict(zip(others, bodies, strict=True))
 
 
-async def join(worker: Worker, render: Callable[[], bytes]) -> web.AppRunner:
+async def join(worker: Worker, render: Callable[[], Awaitable[bytes]]) -> web.AppRunner:
     """Called once the worker listens: serves its own metrics to its siblings, then tells
     the supervisor it is ready. Returns the metrics runner, to clean up after the drain."""
     die_with_parent()
