@@ -50,10 +50,8 @@ import os
 import re
 import threading
 import weakref
-from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from itertools import accumulate
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
@@ -191,17 +189,8 @@ class _Matchers:
         # Longest first, so that a secret containing another is replaced whole.
         values = sorted(set(forms), key=len, reverse=True)
         self.sorted = sorted({v.lower() for v in values})  # for prefix look-ups (`cut`)
-        pieces = [_needles(v) for v in values]
-        # pieces of the values' encodings (`_encoded`)
-        self.needles = _needle_patterns(
-            list({n for b64, _ in pieces for n in b64}), list({n for _, hexes in pieces for n in hexes})
-        )
+        self.needles = _Needles(values, compiled=True)  # pieces of the values' encodings (`_encoded`)
         self.longest = min(len(values[0]), _PARTIAL_WINDOW) if values else 0
-        # The forms lower-cased in one string, to find those holding a gap's form (`holding`).
-        self._forms = values
-        lowered = [v.lower() for v in values]
-        self._joined = "\0".join(lowered)
-        self._starts = array("q", accumulate((len(v) + 1 for v in lowered[:-1]), initial=0))
         no_words = [v for v in values if anywhere and _anywhere(v)]
         words = [v for v in values if not (anywhere and _anywhere(v))]
         # A value that is no word is looked for inside the runs of key characters that can
@@ -233,16 +222,24 @@ class _Matchers:
             re.compile(rf"(?:{_alternatives(exact)})(?![\w-])") if exact else None,
         )
 
-    def sub(self, s: str) -> str:
+    def spans(self, s: str) -> list[tuple[int, int]]:
+        """Where the forms that are no words occur in `s`, each occurrence, overlapping ones too
+        (`_all_spans`)."""
         runs, others = self.runs, self.others
-        # The others first: one may hold a run's value (a compound credential `acct:<key>:sig`, a
-        # DSN around its password), which replaced first left the rest in clear; no run holds one.
+        found: list[tuple[int, int]] = []
         if others is not None:
-            s = _sub_lowered(others, s) if s.isascii() else self.others_i.sub(MARKER, s)  # type: ignore[union-attr]
+            found += _all_spans(others, s.lower()) if s.isascii() else _all_spans(self.others_i, s)  # type: ignore[arg-type]
         if runs is not None:
-            s = _RUN_AT_LEAST.sub(lambda m: _sub_lowered(runs, m.group()), s)
+            for m in _RUN_AT_LEAST.finditer(s):
+                at = m.start()
+                found += [(at + i, at + j) for i, j in _all_spans(runs, m.group().lower())]
+        return found
+
+    def word_spans(self, s: str) -> list[tuple[int, int]]:
+        """Where the words occur in `s` as whole tokens (looked for once the others are
+        replaced: a word glued to one of them stands alone beside its marker)."""
         words = self._words_in(s)
-        return s if words is None else words.sub(MARKER, s)
+        return [] if words is None else _all_spans(words, s)
 
     def _words_in(self, s: str) -> re.Pattern[str] | None:
         caseless, exact = self.quick
@@ -259,23 +256,8 @@ class _Matchers:
         words = self._words_in(s)
         return words is not None and words.search(s) is not None
 
-    def encoded_in(self, s: str) -> bool:
-        return any(p.search(s) for p in self.needles)
-
-    def holding(self, lowered: str) -> list[str]:
-        """The forms that hold `lowered` (a lower-case form) in any case, as registered."""
-        found, joined, starts = [], self._joined, self._starts
-        i = joined.find(lowered)
-        while i != -1:
-            k = bisect_right(starts, i) - 1
-            found.append(self._forms[k])
-            if k + 1 == len(starts):
-                break
-            i = joined.find(lowered, starts[k + 1])
-        return found
-
-
-_MAX_HOLDERS = 64  # old forms holding a gap's forms searched as strings beside them (`_Gap`)
+    def sub(self, s: str) -> str:
+        return _sub_all(s, self)
 
 
 class _Gap:
@@ -283,91 +265,44 @@ class _Gap:
     nothing to compile, so a secret a rotation adds is replaced from the first text on while a
     thread builds the matchers that will hold it. Found as the matchers find them (no words
     anywhere in any case, words as whole tokens; the pieces of their encodings); a plain
-    string search per form is cheap for the few a change adds.
+    string search per form is cheap for the few a change adds. Its spans and the matchers'
+    are replaced together (`_Known.sub`): an old form holding a new one, or overlapping it,
+    goes whole as the matchers built over both will replace it."""
 
-    The gap's forms are replaced before the matchers' (a new secret holding an old one, a DSN
-    around a password, goes whole), so an old form holding a new one (a compound credential
-    whose key alone became a secret) would be left in pieces the matchers no longer find: once
-    a text holds a new form, the old forms holding it (`_Matchers.holding`) are searched with
-    the gap's, leftmost and longest first, as the matchers built over both will."""
-
-    def __init__(self, forms: Iterable[str], anywhere: bool, within: _Matchers | None = None) -> None:
+    def __init__(self, forms: Iterable[str], anywhere: bool) -> None:
         values = sorted(set(forms), key=len, reverse=True)
-        self._values, self._anywhere, self._within = values, anywhere, within
-        self._wider: dict[frozenset[str], _Gap] = {}  # the old forms found holding new ones -> gap of both
-        self._holders: dict[str, list[str]] = {}  # a new form found -> the old forms holding it
         self.sorted = sorted({v.lower() for v in values})
         self.longest = min(len(values[0]), _PARTIAL_WINDOW) if values else 0
         self.no_words = list(dict.fromkeys(v.lower() for v in values if anywhere and _anywhere(v)))
         words = [v for v in values if not (anywhere and _anywhere(v))]
         self.caseless = list(dict.fromkeys(v.lower() for v in words if _caseless(v)))
         self.exact = [v for v in words if not _caseless(v)]
-        pieces = [_needles(v) for v in values]
-        self.b64 = list({n for b64, _ in pieces for n in b64})
-        self.hexes = list({n for _, hexes in pieces for n in hexes})
+        self.needles = _Needles(values, compiled=False)
 
     def __bool__(self) -> bool:
         return bool(self.sorted)
 
     def sub(self, s: str) -> str:
-        if not self:
-            return s
-        found = self._spans_of_all(s)
-        if not found:
-            return s
-        wider = self._with_holders(s, found)
-        if wider is None:  # held by too many to search as strings: the old ones first, whole
-            return self._sub(self._within.sub(s))  # type: ignore[union-attr]
-        return wider._sub(s)
+        return _sub_all(s, self)
 
-    def _sub(self, s: str) -> str:
-        if self.no_words:
-            s = _replaced(s, _spans_in(s, self.no_words, whole=False))
-        if self.caseless or self.exact:
-            s = _replaced(s, _spans_in(s, self.caseless, whole=True) + _spans(s, self.exact, whole=True))
-        return s
+    def spans(self, s: str) -> list[tuple[int, int]]:
+        return _spans_in(s, self.no_words, whole=False) if self else []
 
-    def _spans_of_all(self, s: str) -> list[tuple[int, int]]:
-        return (
-            _spans_in(s, self.no_words, whole=False)
-            + _spans_in(s, self.caseless, whole=True)
-            + _spans(s, self.exact, whole=True)
-        )
-
-    def _with_holders(self, s: str, found: list[tuple[int, int]]) -> _Gap | None:
-        """This gap, or one with the old forms holding what `found` spans in `s` (looked up
-        once a form: a search of the matchers' forms, 80 µs with 12,000 of them), or None when
-        there are more than :data:`_MAX_HOLDERS` (a plain string search each would cost every
-        text milliseconds until the swap)."""
-        if self._within is None:
-            return self
-        holders: set[str] = set()
-        for start, end in found:
-            form = s[start:end].lower()
-            held = self._holders.get(form)  # (read once: another thread, the request log's, may add)
-            if held is None:
-                held = self._holders[form] = self._within.holding(form)
-            holders.update(held)
-        if not holders:
-            return self
-        if len(holders) > _MAX_HOLDERS:
-            return None
-        key = frozenset(holders)
-        wider = self._wider.get(key)
-        if wider is None:
-            if len(self._wider) >= 64:  # texts holding ever other sets of the forms: kept bounded
-                self._wider.clear()
-            wider = self._wider[key] = _Gap([*self._values, *holders], self._anywhere)
-        return wider
+    def word_spans(self, s: str) -> list[tuple[int, int]]:
+        return _spans_in(s, self.caseless, whole=True) + _spans(s, self.exact, whole=True) if self else []
 
     def found_in(self, s: str) -> bool:
-        return bool(self) and bool(self._spans_of_all(s))
+        return bool(self.spans(s) or self.word_spans(s))
 
-    def encoded_in(self, s: str) -> bool:
-        if not self:
-            return False
-        standard = s.translate(_URLSAFE)
-        return any(n in standard for n in self.b64) or any(h in s.lower() for h in self.hexes)
+
+def _sub_all(s: str, *finders: _Matchers | _Gap) -> str:
+    """`s` with what `finders` find replaced by :data:`MARKER`: every occurrence of each, all
+    the finders' together, overlapping ones as one span; the values that are no words first,
+    then the words (whole tokens once a marker stands beside them). Replaced one after another,
+    a secret holding another, or overlapping it (the end of one the start of the other), lost
+    the shared characters to the first and the rest of it was left in clear."""
+    s = _replaced(s, [span for f in finders for span in f.spans(s)])
+    return _replaced(s, [span for f in finders for span in f.word_spans(s)])
 
 
 def _spans(s: str, values: list[str], whole: bool) -> list[tuple[int, int]]:
@@ -401,17 +336,29 @@ def _word_char(s: str, i: int) -> bool:
 
 
 def _replaced(s: str, spans: list[tuple[int, int]]) -> str:
-    """`s` with the leftmost-longest of `spans` replaced by :data:`MARKER`, as an alternation of
-    the values, longest first, replaces them (a match ends where the next may start)."""
+    """`s` with `spans` replaced by :data:`MARKER`, one marker for spans that overlap (two
+    secrets sharing characters go as one) and one for each that merely touch another."""
     if not spans:
         return s
     out, at = [], 0
-    for start, end in sorted(spans, key=lambda p: (p[0], -p[1])):
+    for start, end in sorted(spans):
         if start >= at:
             out += [s[at:start], MARKER]
-            at = end
+        at = max(at, end)
     out.append(s[at:])
     return "".join(out)
+
+
+def _all_spans(pattern: re.Pattern[str], s: str) -> list[tuple[int, int]]:
+    """Where `pattern` matches in `s` from each position it can start at, not only after the
+    previous match's end: a secret that begins inside another's match (their overlap) is found
+    whole. A text holding none pays one search."""
+    found = []
+    m = pattern.search(s)
+    while m is not None:
+        found.append(m.span())
+        m = pattern.search(s, m.start() + 1)
+    return found
 
 
 class _Known:
@@ -465,7 +412,7 @@ class _Known:
             with self._lock:
                 if self._stale:
                     self._stale = False
-                    self._state = (self._state[0], _Gap(self._pending, self._anywhere, self._state[0]))
+                    self._state = (self._state[0], _Gap(self._pending, self._anywhere))
                     self._build_later()
         return self._state
 
@@ -499,7 +446,7 @@ class _Known:
             return  # a build older than one swapped in meanwhile (`settle`): what it lacks is no longer pending
         self._built = generation
         self._pending = {f: g for f, g in self._pending.items() if g > generation}
-        self._state = (matchers, _Gap(self._pending, self._anywhere, matchers))
+        self._state = (matchers, _Gap(self._pending, self._anywhere))
         self._stale = False
 
     def settle(self) -> None:
@@ -522,11 +469,11 @@ class _Known:
         self._stale = bool(self._pending)
 
     def sub(self, s: str) -> str:
-        """`s` with every known value replaced by :data:`MARKER`. The gap's forms first: a new
-        secret holding an old one (a DSN around a password) is replaced whole, and so is an old
-        one holding a new one (the gap searches it too, see `_Gap`)."""
+        """`s` with every known value replaced by :data:`MARKER`, the gap's and the matchers'
+        together (`_sub_all`): a new secret holding or overlapping an old one goes whole, as the
+        matchers built over both will replace it."""
         matchers, gap = self.current()
-        return matchers.sub(gap.sub(s))
+        return _sub_all(s, gap, matchers)
 
     def found_in(self, s: str) -> bool:
         """Whether a known value occurs in `s` (decoded bytes: anywhere, in any case)."""
@@ -534,9 +481,19 @@ class _Known:
         return matchers.found_in(s) or gap.found_in(s)
 
     def encoded_in(self, s: str) -> bool:
-        """Whether `s` holds a piece of a known value's base64 or hex (`_needles`)."""
+        """Whether `s` holds a piece of a known value's base64 (once or twice) or hex in any
+        case (`_needles`)."""
         matchers, gap = self.current()
-        return matchers.encoded_in(s) or gap.encoded_in(s)
+        # A needle (no space in it) lies inside one word at least as long: the few such words of
+        # prose are searched, not every position of it (a fourth of the cost for 64 KB of text).
+        low = " ".join([w for w in s.lower().split() if len(w) >= _NEEDLE_LEN])
+        return bool(low) and (matchers.needles.found_in(low) or gap.needles.found_in(low))
+
+    def recased_in(self, run: str) -> bool:
+        """Whether `run` holds a whole piece of a known value's base64 in another case."""
+        matchers, gap = self.current()
+        low = run.lower().translate(_URLSAFE)
+        return matchers.needles.recased_in(low) or gap.needles.recased_in(low)
 
     def partial_at(self, s: str, at: int) -> int:
         """Where a known value begins that `s[:at]` ends inside (at least :data:`MIN_SECRET_LEN`
@@ -573,20 +530,6 @@ def _caseless(value: str) -> bool:
     return len(value) >= _ANYWHERE_LEN or not value.isalpha()
 
 
-def _sub_lowered(pattern: re.Pattern[str], run: str) -> str:
-    """`run` (ASCII: lower-casing keeps its length) with what `pattern` (lower-case values)
-    finds in it lower-cased replaced."""
-    spans = [m.span() for m in pattern.finditer(run.lower())]
-    if not spans:
-        return run
-    out, at = [], 0
-    for start, end in spans:
-        out += [run[at:start], MARKER]
-        at = end
-    out.append(run[at:])
-    return "".join(out)
-
-
 # Runs that may be a known value encoded: base64 (standard and URL-safe, its padding) and hex.
 # An upstream quoting an `Authorization: Basic` header it was sent, or a key it logged as bytes,
 # writes the key this way, inside an encoding of more than the key (`user:key`): decoding the
@@ -600,34 +543,73 @@ _TO_URLSAFE = str.maketrans("+/", "-_")
 _NEEDLE_LEN = 12
 
 
-def _needles(form: str) -> tuple[list[str], list[str]]:
-    """The fixed pieces of `form`'s encodings, one of which any run of base64 or hex holding
-    `form` contains (base64, lower-case hex): base64 writes 3 bytes as 4 characters, so
-    whatever bytes come before a value (`user:`), the groups wholly inside it are written the
-    same at each of the 3 alignments (from its byte 0, 1 or 2); hex writes each byte as 2
-    characters in any alignment. The first :data:`_NEEDLE_LEN` characters of each suffice to
-    find the runs to decode (`_encoded`). A non-ASCII value's encoding is of its UTF-8 (a
+def _pieces(raw: bytes) -> list[str]:
+    """The base64 of `raw` at each of its 3 alignments, whole groups only: base64 writes 3 bytes
+    as 4 characters, so whatever bytes come before a value (`user:`), the groups wholly inside
+    it are written the same at one of the 3 alignments (from its byte 0, 1 or 2)."""
+    return [binascii.b2a_base64(raw[k:][: (len(raw) - k) // 3 * 3], newline=False).decode() for k in range(3)]
+
+
+def _needles(form: str) -> tuple[list[str], dict[str, list[str]]]:
+    """The fixed pieces of `form`'s encodings, lower-cased, one of which any run holding `form`
+    encoded contains: its base64 (at each alignment; of `form` upper- and lower-cased too, as a
+    client or upstream may re-case a key before encoding it), the base64 of that base64 (a
+    debug token or trace blob holding a `Basic` header), its hex (in any alignment). The first
+    :data:`_NEEDLE_LEN` characters of each suffice to find the runs to decode (`_encoded`).
+    Also the whole pieces of its base64 by their needle: an upstream that upper- or
+    lower-cases its message after encoding leaves no decodable run, but one holding a whole
+    piece in another case (`recased_in`). A non-ASCII value's encoding is of its UTF-8 (a
     Basic-auth password, RFC 7617)."""
-    b64, hexes = [], []
-    # Upper- and lower-cased too: a client or upstream may re-case a key before encoding it.
-    for raw in dict.fromkeys(f.encode("utf-8", "surrogatepass") for f in (form, form.upper(), form.lower())):
-        b64 += [binascii.b2a_base64(raw[k:][: (len(raw) - k) // 3 * 3], newline=False).decode() for k in range(3)]
-        hexes.append(raw.hex()[:_NEEDLE_LEN])
-    return [b[:_NEEDLE_LEN] for b in b64 if b], hexes
+    found: list[str] = []
+    whole: dict[str, list[str]] = {}
+    raw = form.encode("utf-8", "surrogatepass")
+    for cased in dict.fromkeys((raw, form.upper().encode("utf-8", "surrogatepass"), raw.lower())):
+        found += [p for p in _pieces(cased) if p]
+        found.append(cased.hex())
+    for piece in _pieces(raw):
+        if len(piece) >= _NEEDLE_LEN:
+            whole.setdefault(piece[:_NEEDLE_LEN].lower(), []).append(piece.lower())
+            found += [p for p in _pieces(piece.encode()) if len(p) >= _NEEDLE_LEN]  # base64 twice
+    return [f[:_NEEDLE_LEN].lower() for f in found], whole
 
 
-def _needle_patterns(b64: list[str], hexes: list[str]) -> list[re.Pattern[str]]:
-    """Patterns for the pieces: URL-safe base64 where base64 has `+` and `/`, hex in any case;
-    each a character class in the trie rather than the pieces written twice (a rebuild with
-    4,096 secrets compiles a trie of them). Two patterns: one alternation of both tries is
-    searched 3 times slower than each (its first characters are no longer one set)."""
-    out = []
-    if b64:  # the trie's literals escape `+` as `\\+`; `/` is not escaped
-        trie = _alternatives(sorted(b64, key=len, reverse=True))
-        out.append(re.compile(trie.replace("\\+", "[+\\-]").replace("/", "[/_]")))
-    if hexes:  # the trie of lower-case hex holds no other letters than a-f
-        out.append(re.compile(re.sub("[a-f]", lambda m: f"[{m.group()}{m.group().upper()}]", _alternatives(hexes))))
-    return out
+class _Needles:
+    """The pieces of a set of forms' encodings (`_needles`), searched in lower-cased text: a
+    trie for the matchers (built in a thread), plain substring searches for a gap's few forms
+    (nothing to compile on the caller's thread)."""
+
+    def __init__(self, forms: Iterable[str], compiled: bool) -> None:
+        needles: set[str] = set()
+        self._whole: dict[str, list[str]] = {}
+        for form in forms:
+            found, whole = _needles(form)
+            needles.update(found)
+            for needle, pieces in whole.items():
+                self._whole.setdefault(needle, []).extend(pieces)
+        self._plain = sorted(needles)
+        self._pattern: re.Pattern[str] | None = None
+        if compiled and needles:  # URL-safe base64 where base64 has `+` and `/` (the trie escapes `+`)
+            trie = _alternatives(sorted(needles, key=len, reverse=True))
+            self._pattern = re.compile(trie.replace("\\+", "[+\\-]").replace("/", "[/_]"))
+            self._plain = []
+        self._recased = re.compile(_alternatives(sorted(self._whole))) if compiled and self._whole else None
+
+    def found_in(self, low: str) -> bool:
+        """Whether lower-cased `low` holds a needle."""
+        if self._pattern is not None:
+            return self._pattern.search(low) is not None
+        if not self._plain:
+            return False
+        standard = low.translate(_URLSAFE)
+        return any(n in standard for n in self._plain)
+
+    def recased_in(self, low: str) -> bool:
+        """Whether `low` (a run lower-cased, URL-safe base64 as standard) holds a whole piece."""
+        if self._recased is not None:
+            starts = [i for i, _ in _all_spans(self._recased, low)]
+        else:
+            starts = [i for i, _ in _spans(low, list(self._whole), whole=False)]
+        return any(low.startswith(p, i) for i in starts for p in self._whole.get(low[i : i + _NEEDLE_LEN], ()))
 
 
 def _decodings(run: str) -> list[bytes]:
@@ -666,14 +648,20 @@ def _encoded(known: _Known, s: str) -> str:
     return _BASE64_RUN.sub(lambda m: MARKER if m.group() in found else m.group(), s)
 
 
-def _holds(known: _Known, run: str) -> bool:
+def _holds(known: _Known, run: str, twice: bool = True) -> bool:
     """Whether `run` (base64 or hex) decodes to text holding a known value: read a character a
     byte (latin-1), then as UTF-8 for a non-ASCII value (only a run holding a piece of a known
-    value's encoding is decoded at all)."""
+    value's encoding is decoded at all); or holds a whole piece of one's base64 in another case
+    (the upstream upper- or lower-cased its message); or, base64 of base64, decodes to a run
+    that does."""
     if not known.encoded_in(run):
         return False
-    decoded = b"\0".join(_decodings(run))
-    return known.found_in(decoded.decode("latin-1")) or known.found_in(decoded.decode("utf-8", "replace"))
+    decoded = b"\0".join(_decodings(run)).decode("latin-1")
+    if known.found_in(decoded) or known.recased_in(run):
+        return True
+    if not decoded.isascii() and known.found_in(decoded.encode("latin-1").decode("utf-8", "replace")):
+        return True
+    return twice and any(_holds(known, m.group(), twice=False) for m in _BASE64_RUN.finditer(decoded))
 
 
 # MIME base64 (e-mail, PEM, Python's `base64.encodebytes`) breaks its lines every 76 (or 64)
@@ -934,8 +922,24 @@ _SPACE_ESCAPE = re.compile(r"\\?([\x1c-\x1f\x85])")
 _AS_ESCAPE = {v: "\\" + k for k, v in _AS_SPACE.items()}
 
 
+# Characters that show nothing (zero-width, soft hyphen, BOM, bidi controls), raw or as a log
+# line's escape (`printable`): written between a key's characters they hide it from every match,
+# and a reader's copy of the text gives the key back without them.
+_HIDDEN = re.compile(
+    r"[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
+    r"|\\(?:xad|u(?:061c|180e|200[b-f]|202[a-e]|206[0-46-9]|feff))",
+    re.IGNORECASE,
+)
+
+
 def _credentials(s: str) -> str:
-    """`s` with every known secret and credential shape replaced by :data:`MARKER`, as written."""
+    """`s` with every known secret and credential shape replaced by :data:`MARKER`, as written;
+    a text whose secret invisible characters hide is written without them."""
+    if ("\\" in s or not s.isascii()) and _HIDDEN.search(s):  # `isascii` is O(1)
+        bare = _HIDDEN.sub("", s)
+        masked = _credentials(bare)
+        if masked != bare:
+            return masked
     if "\\/" in s or "\\u00" in s:  # a substring test on the common path
         s = _JSON_ESCAPE.sub(_unescaped, s)
     spaced = "\\" in s and not _SPACE_ESCAPE.search(s)
