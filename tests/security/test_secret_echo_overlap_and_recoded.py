@@ -190,3 +190,39 @@ def test_a_word_secret_glued_to_another_is_replaced_beside_its_marker() -> None:
     redact.register("hunter22")
     redact.register(KEY)
     assert redact.text(f"x {KEY}hunter22 y") == f"x {redact.MARKER}{redact.MARKER} y"
+
+
+async def _chunked(request: web.Request) -> web.StreamResponse:
+    """An error body written in two chunks, the key split between them (read whole before it is
+    relayed: no half of it is redacted alone)."""
+    await request.read()
+    key = request.headers["Authorization"][7:]
+    error = {"message": f"{FORMS['base64-twice'](key)} and {key}", "type": "invalid_request_error"}
+    body = orjson.dumps({"error": error})
+    at = body.index(key.encode()) + len(key) // 2
+    resp = web.StreamResponse(status=400, headers={"Content-Type": "application/json"})
+    await resp.prepare(request)
+    await resp.write(body[:at])
+    await resp.write(body[at:])
+    await resp.write_eof()
+    return resp
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_error_body_in_two_chunks_gives_no_piece_of_the_key(
+    serve_routes: ServeRoutes, tmp_path: Path, stream: bool
+) -> None:
+    cfg = await _proxy_config(serve_routes, tmp_path)
+    up = await serve_routes(web.post("/v1/chat/completions", _chunked))
+    cfg["providers"]["p"]["base_url"] = up.url + "/v1"  # type: ignore[index]
+    async with cost_proxy(cfg) as proxy:
+        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=ROOT, max_retries=0)
+        try:
+            with pytest.raises(openai.BadRequestError) as err:
+                await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": "hi"}], stream=stream
+                )
+        finally:
+            await client.close()
+    seen = str(err.value) + err.value.response.text
+    assert SAID in seen and not exposes(seen), seen
