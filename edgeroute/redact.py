@@ -17,9 +17,11 @@ Two kinds of thing are replaced by :data:`MARKER`:
   the bound on known values. Values shorter than :data:`MIN_SECRET_LEN` are not registered:
   they would blank ordinary words and cannot be secret anyway. A value that is no word (see
   `_anywhere`) is replaced wherever it occurs, glued to the upstream's own text too, in any
-  case, inside a run of base64 or hex that decodes to text holding it (`_encoded`: only
-  runs holding a fixed piece of its encoding are decoded) and inside a run of percent-escapes
-  however they are written (`_percent_runs`); a word only as a whole token;
+  case, inside a run of base64 or hex that decodes to text holding it, or to such a run
+  (base64 twice), or holding its base64 re-cased (`_encoded`: only runs holding a fixed piece
+  of its encoding are decoded), inside a run of percent-escapes however they are written
+  (`_percent_runs`), and with invisible characters between its own (`_HIDDEN`); a word only
+  as a whole token. Overlapping secrets go as one span (`_sub_all`);
 - common credential shapes, whoever's they are: `sk-…`/`sk-ant-…` keys, `Bearer …`,
   edgeroute's managed keys (`er-…`), other platforms' prefixed tokens (`hf_`, `xai-`,
   `gsk_`, `xoxb-`, `sk_live_`, …), private key blocks, AWS access key ids, Google API
