@@ -20,7 +20,7 @@ Two kinds of thing are replaced by :data:`MARKER`:
   case, inside a run of base64 or hex that decodes to text holding it, or to such a run
   (base64 twice), or holding its base64 re-cased (`_encoded`: only runs holding a fixed piece
   of its encoding are decoded), inside a run of percent-escapes however they are written
-  (`_percent_runs`), and with invisible characters between its own (`_HIDDEN`); a word only
+  (`_percent_runs`), and with invisible characters between its own (`_unhidden`); a word only
   as a whole token. Overlapping secrets go as one span (`_sub_all`);
 - common credential shapes, whoever's they are: `sk-…`/`sk-ant-…` keys, `Bearer …`,
   edgeroute's managed keys (`er-…`), other platforms' prefixed tokens (`hf_`, `xai-`,
@@ -957,22 +957,47 @@ _AS_ESCAPE = {v: "\\" + k for k, v in _AS_SPACE.items()}
 # Characters that show nothing (zero-width, soft hyphen, BOM, bidi controls), raw or as a log
 # line's escape (`printable`), between two of a key's characters: written there they hide it from
 # every match, and a reader's copy of the text gives the key back without them. Elsewhere (an
-# emoji's joiner, a word break in Thai) they are no key's and cost nothing.
-_HIDDEN = re.compile(
-    rf"(?<={_KEY_CHARS})(?:[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]"
-    rf"|\\(?:xad|u(?:061c|180e|200[b-f]|202[a-e]|206[0-46-9]|feff)))+(?={_KEY_CHARS})",
-    re.IGNORECASE,
-)
-# The raw characters `_HIDDEN` looks for, searched first: a character class the search skips to.
+# emoji's joiner, a word break in Thai) they are no key's. Each searched alone: a character
+# class and a literal prefix the search skips to (one pattern of both, with its lookarounds,
+# was tried at every position: 70 µs for a 2 KB message holding an emoji's joiner).
 _INVISIBLE_CHAR = re.compile(r"[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+_INVISIBLE_ESCAPE = re.compile(
+    r"\\(?:x[aA][dD]|u(?:061[cC]|180[eE]|200[b-fB-F]|202[a-eA-E]|206[0-46-9]|[fF][eE][fF][fF]))"
+)
+_KEY_CHAR_SET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=_.~%-")
+
+
+def _unhidden(s: str) -> str | None:
+    """`s` without the invisible characters it has between two of a key's characters, or None
+    when it has none there (`isascii` is O(1): ASCII text without a backslash pays nothing)."""
+    hits = [m.span() for m in _INVISIBLE_CHAR.finditer(s)] if not s.isascii() else []
+    if "\\" in s:
+        hits += [m.span() for m in _INVISIBLE_ESCAPE.finditer(s)]
+    if not hits:
+        return None
+    runs: list[tuple[int, int]] = []  # hits that follow each other, as one
+    for start, end in sorted(hits):
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    keys = _KEY_CHAR_SET
+    drop = [(a, b) for a, b in runs if a > 0 and b < len(s) and s[a - 1] in keys and s[b] in keys]
+    if not drop:
+        return None
+    out, at = [], 0
+    for start, end in drop:
+        out.append(s[at:start])
+        at = end
+    out.append(s[at:])
+    return "".join(out)
 
 
 def _credentials(s: str) -> str:
     """`s` with every known secret and credential shape replaced by :data:`MARKER`, as written;
     a text whose secret invisible characters hide is written without them."""
-    escaped = "\\u" in s or "\\x" in s  # substring tests, and `isascii` is O(1): the common path
-    if (escaped or (not s.isascii() and _INVISIBLE_CHAR.search(s))) and _HIDDEN.search(s):
-        bare = _HIDDEN.sub("", s)
+    bare = _unhidden(s)
+    if bare is not None:
         masked = _credentials(bare)
         if masked != bare:
             return masked

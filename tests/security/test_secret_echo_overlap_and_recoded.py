@@ -226,3 +226,13 @@ async def test_an_error_body_in_two_chunks_gives_no_piece_of_the_key(
             await client.close()
     seen = str(err.value) + err.value.response.text
     assert SAID in seen and not exposes(seen), seen
+
+
+def test_invisible_characters_that_hide_no_secret_are_kept_as_written() -> None:
+    """An emoji's joiner, a zero-width space after a word: kept; only those between a key's
+    characters go, and only from a text that holds a secret once they are gone."""
+    redact.register(KEY)
+    said = "she 👩\u200d💻 wrote\u200b a line, soft\u00adhyphen"
+    assert redact.text(said) == said and redact.outbound(said) == said
+    hidden = said + " " + "\u200b".join(KEY)
+    assert redact.text(hidden) == "she 👩\u200d💻 wrote\u200b a line, softhyphen " + redact.MARKER
