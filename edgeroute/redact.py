@@ -17,9 +17,11 @@ Two kinds of thing are replaced by :data:`MARKER`:
   the bound on known values. Values shorter than :data:`MIN_SECRET_LEN` are not registered:
   they would blank ordinary words and cannot be secret anyway. A value that is no word (see
   `_anywhere`) is replaced wherever it occurs, glued to the upstream's own text too, in any
-  case, inside a run of base64 or hex that decodes to text holding it (`_encoded`: only
-  runs holding a fixed piece of its encoding are decoded) and inside a run of percent-escapes
-  however they are written (`_percent_runs`); a word only as a whole token;
+  case, inside a run of base64 or hex that decodes to text holding it, or to such a run
+  (base64 twice), or holding its base64 re-cased (`_encoded`: only runs holding a fixed piece
+  of its encoding are decoded), inside a run of percent-escapes however they are written
+  (`_percent_runs`), and with invisible characters between its own (`_unhidden`); a word only
+  as a whole token. Overlapping secrets go as one span (`_sub_all`);
 - common credential shapes, whoever's they are: `sk-…`/`sk-ant-…` keys, `Bearer …`,
   edgeroute's managed keys (`er-…`), other platforms' prefixed tokens (`hf_`, `xai-`,
   `gsk_`, `xoxb-`, `sk_live_`, …), private key blocks, AWS access key ids, Google API
@@ -50,10 +52,8 @@ import os
 import re
 import threading
 import weakref
-from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from itertools import accumulate
 from typing import Any
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
@@ -191,17 +191,8 @@ class _Matchers:
         # Longest first, so that a secret containing another is replaced whole.
         values = sorted(set(forms), key=len, reverse=True)
         self.sorted = sorted({v.lower() for v in values})  # for prefix look-ups (`cut`)
-        pieces = [_needles(v) for v in values]
-        # pieces of the values' encodings (`_encoded`)
-        self.needles = _needle_patterns(
-            list({n for b64, _ in pieces for n in b64}), list({n for _, hexes in pieces for n in hexes})
-        )
+        self.needles = _Needles(values, compiled=True)  # pieces of the values' encodings (`_encoded`)
         self.longest = min(len(values[0]), _PARTIAL_WINDOW) if values else 0
-        # The forms lower-cased in one string, to find those holding a gap's form (`holding`).
-        self._forms = values
-        lowered = [v.lower() for v in values]
-        self._joined = "\0".join(lowered)
-        self._starts = array("q", accumulate((len(v) + 1 for v in lowered[:-1]), initial=0))
         no_words = [v for v in values if anywhere and _anywhere(v)]
         words = [v for v in values if not (anywhere and _anywhere(v))]
         # A value that is no word is looked for inside the runs of key characters that can
@@ -233,16 +224,24 @@ class _Matchers:
             re.compile(rf"(?:{_alternatives(exact)})(?![\w-])") if exact else None,
         )
 
-    def sub(self, s: str) -> str:
+    def spans(self, s: str) -> list[tuple[int, int]]:
+        """Where the forms that are no words occur in `s`, each occurrence, overlapping ones too
+        (`_all_spans`)."""
         runs, others = self.runs, self.others
-        # The others first: one may hold a run's value (a compound credential `acct:<key>:sig`, a
-        # DSN around its password), which replaced first left the rest in clear; no run holds one.
+        found: list[tuple[int, int]] = []
         if others is not None:
-            s = _sub_lowered(others, s) if s.isascii() else self.others_i.sub(MARKER, s)  # type: ignore[union-attr]
+            found += _all_spans(others, s.lower()) if s.isascii() else _all_spans(self.others_i, s)  # type: ignore[arg-type]
         if runs is not None:
-            s = _RUN_AT_LEAST.sub(lambda m: _sub_lowered(runs, m.group()), s)
+            for m in _RUN_AT_LEAST.finditer(s):
+                at = m.start()
+                found += [(at + i, at + j) for i, j in _all_spans(runs, m.group().lower())]
+        return found
+
+    def word_spans(self, s: str) -> list[tuple[int, int]]:
+        """Where the words occur in `s` as whole tokens (looked for once the others are
+        replaced: a word glued to one of them stands alone beside its marker)."""
         words = self._words_in(s)
-        return s if words is None else words.sub(MARKER, s)
+        return [] if words is None else _all_spans(words, s)
 
     def _words_in(self, s: str) -> re.Pattern[str] | None:
         caseless, exact = self.quick
@@ -259,23 +258,8 @@ class _Matchers:
         words = self._words_in(s)
         return words is not None and words.search(s) is not None
 
-    def encoded_in(self, s: str) -> bool:
-        return any(p.search(s) for p in self.needles)
-
-    def holding(self, lowered: str) -> list[str]:
-        """The forms that hold `lowered` (a lower-case form) in any case, as registered."""
-        found, joined, starts = [], self._joined, self._starts
-        i = joined.find(lowered)
-        while i != -1:
-            k = bisect_right(starts, i) - 1
-            found.append(self._forms[k])
-            if k + 1 == len(starts):
-                break
-            i = joined.find(lowered, starts[k + 1])
-        return found
-
-
-_MAX_HOLDERS = 64  # old forms holding a gap's forms searched as strings beside them (`_Gap`)
+    def sub(self, s: str) -> str:
+        return _sub_all(s, self)
 
 
 class _Gap:
@@ -283,91 +267,44 @@ class _Gap:
     nothing to compile, so a secret a rotation adds is replaced from the first text on while a
     thread builds the matchers that will hold it. Found as the matchers find them (no words
     anywhere in any case, words as whole tokens; the pieces of their encodings); a plain
-    string search per form is cheap for the few a change adds.
+    string search per form is cheap for the few a change adds. Its spans and the matchers'
+    are replaced together (`_Known.sub`): an old form holding a new one, or overlapping it,
+    goes whole as the matchers built over both will replace it."""
 
-    The gap's forms are replaced before the matchers' (a new secret holding an old one, a DSN
-    around a password, goes whole), so an old form holding a new one (a compound credential
-    whose key alone became a secret) would be left in pieces the matchers no longer find: once
-    a text holds a new form, the old forms holding it (`_Matchers.holding`) are searched with
-    the gap's, leftmost and longest first, as the matchers built over both will."""
-
-    def __init__(self, forms: Iterable[str], anywhere: bool, within: _Matchers | None = None) -> None:
+    def __init__(self, forms: Iterable[str], anywhere: bool) -> None:
         values = sorted(set(forms), key=len, reverse=True)
-        self._values, self._anywhere, self._within = values, anywhere, within
-        self._wider: dict[frozenset[str], _Gap] = {}  # the old forms found holding new ones -> gap of both
-        self._holders: dict[str, list[str]] = {}  # a new form found -> the old forms holding it
         self.sorted = sorted({v.lower() for v in values})
         self.longest = min(len(values[0]), _PARTIAL_WINDOW) if values else 0
         self.no_words = list(dict.fromkeys(v.lower() for v in values if anywhere and _anywhere(v)))
         words = [v for v in values if not (anywhere and _anywhere(v))]
         self.caseless = list(dict.fromkeys(v.lower() for v in words if _caseless(v)))
         self.exact = [v for v in words if not _caseless(v)]
-        pieces = [_needles(v) for v in values]
-        self.b64 = list({n for b64, _ in pieces for n in b64})
-        self.hexes = list({n for _, hexes in pieces for n in hexes})
+        self.needles = _Needles(values, compiled=False)
 
     def __bool__(self) -> bool:
         return bool(self.sorted)
 
     def sub(self, s: str) -> str:
-        if not self:
-            return s
-        found = self._spans_of_all(s)
-        if not found:
-            return s
-        wider = self._with_holders(s, found)
-        if wider is None:  # held by too many to search as strings: the old ones first, whole
-            return self._sub(self._within.sub(s))  # type: ignore[union-attr]
-        return wider._sub(s)
+        return _sub_all(s, self)
 
-    def _sub(self, s: str) -> str:
-        if self.no_words:
-            s = _replaced(s, _spans_in(s, self.no_words, whole=False))
-        if self.caseless or self.exact:
-            s = _replaced(s, _spans_in(s, self.caseless, whole=True) + _spans(s, self.exact, whole=True))
-        return s
+    def spans(self, s: str) -> list[tuple[int, int]]:
+        return _spans_in(s, self.no_words, whole=False) if self else []
 
-    def _spans_of_all(self, s: str) -> list[tuple[int, int]]:
-        return (
-            _spans_in(s, self.no_words, whole=False)
-            + _spans_in(s, self.caseless, whole=True)
-            + _spans(s, self.exact, whole=True)
-        )
-
-    def _with_holders(self, s: str, found: list[tuple[int, int]]) -> _Gap | None:
-        """This gap, or one with the old forms holding what `found` spans in `s` (looked up
-        once a form: a search of the matchers' forms, 80 µs with 12,000 of them), or None when
-        there are more than :data:`_MAX_HOLDERS` (a plain string search each would cost every
-        text milliseconds until the swap)."""
-        if self._within is None:
-            return self
-        holders: set[str] = set()
-        for start, end in found:
-            form = s[start:end].lower()
-            held = self._holders.get(form)  # (read once: another thread, the request log's, may add)
-            if held is None:
-                held = self._holders[form] = self._within.holding(form)
-            holders.update(held)
-        if not holders:
-            return self
-        if len(holders) > _MAX_HOLDERS:
-            return None
-        key = frozenset(holders)
-        wider = self._wider.get(key)
-        if wider is None:
-            if len(self._wider) >= 64:  # texts holding ever other sets of the forms: kept bounded
-                self._wider.clear()
-            wider = self._wider[key] = _Gap([*self._values, *holders], self._anywhere)
-        return wider
+    def word_spans(self, s: str) -> list[tuple[int, int]]:
+        return _spans_in(s, self.caseless, whole=True) + _spans(s, self.exact, whole=True) if self else []
 
     def found_in(self, s: str) -> bool:
-        return bool(self) and bool(self._spans_of_all(s))
+        return bool(self.spans(s) or self.word_spans(s))
 
-    def encoded_in(self, s: str) -> bool:
-        if not self:
-            return False
-        standard = s.translate(_URLSAFE)
-        return any(n in standard for n in self.b64) or any(h in s.lower() for h in self.hexes)
+
+def _sub_all(s: str, *finders: _Matchers | _Gap) -> str:
+    """`s` with what `finders` find replaced by :data:`MARKER`: every occurrence of each, all
+    the finders' together, overlapping ones as one span; the values that are no words first,
+    then the words (whole tokens once a marker stands beside them). Replaced one after another,
+    a secret holding another, or overlapping it (the end of one the start of the other), lost
+    the shared characters to the first and the rest of it was left in clear."""
+    s = _replaced(s, [span for f in finders for span in f.spans(s)])
+    return _replaced(s, [span for f in finders for span in f.word_spans(s)])
 
 
 def _spans(s: str, values: list[str], whole: bool) -> list[tuple[int, int]]:
@@ -401,17 +338,29 @@ def _word_char(s: str, i: int) -> bool:
 
 
 def _replaced(s: str, spans: list[tuple[int, int]]) -> str:
-    """`s` with the leftmost-longest of `spans` replaced by :data:`MARKER`, as an alternation of
-    the values, longest first, replaces them (a match ends where the next may start)."""
+    """`s` with `spans` replaced by :data:`MARKER`, one marker for spans that overlap (two
+    secrets sharing characters go as one) and one for each that merely touch another."""
     if not spans:
         return s
     out, at = [], 0
-    for start, end in sorted(spans, key=lambda p: (p[0], -p[1])):
+    for start, end in sorted(spans):
         if start >= at:
             out += [s[at:start], MARKER]
-            at = end
+        at = max(at, end)
     out.append(s[at:])
     return "".join(out)
+
+
+def _all_spans(pattern: re.Pattern[str], s: str) -> list[tuple[int, int]]:
+    """Where `pattern` matches in `s` from each position it can start at, not only after the
+    previous match's end: a secret that begins inside another's match (their overlap) is found
+    whole. A text holding none pays one search."""
+    found = []
+    m = pattern.search(s)
+    while m is not None:
+        found.append(m.span())
+        m = pattern.search(s, m.start() + 1)
+    return found
 
 
 class _Known:
@@ -465,7 +414,7 @@ class _Known:
             with self._lock:
                 if self._stale:
                     self._stale = False
-                    self._state = (self._state[0], _Gap(self._pending, self._anywhere, self._state[0]))
+                    self._state = (self._state[0], _Gap(self._pending, self._anywhere))
                     self._build_later()
         return self._state
 
@@ -499,7 +448,7 @@ class _Known:
             return  # a build older than one swapped in meanwhile (`settle`): what it lacks is no longer pending
         self._built = generation
         self._pending = {f: g for f, g in self._pending.items() if g > generation}
-        self._state = (matchers, _Gap(self._pending, self._anywhere, matchers))
+        self._state = (matchers, _Gap(self._pending, self._anywhere))
         self._stale = False
 
     def settle(self) -> None:
@@ -522,11 +471,11 @@ class _Known:
         self._stale = bool(self._pending)
 
     def sub(self, s: str) -> str:
-        """`s` with every known value replaced by :data:`MARKER`. The gap's forms first: a new
-        secret holding an old one (a DSN around a password) is replaced whole, and so is an old
-        one holding a new one (the gap searches it too, see `_Gap`)."""
+        """`s` with every known value replaced by :data:`MARKER`, the gap's and the matchers'
+        together (`_sub_all`): a new secret holding or overlapping an old one goes whole, as the
+        matchers built over both will replace it."""
         matchers, gap = self.current()
-        return matchers.sub(gap.sub(s))
+        return _sub_all(s, gap, matchers)
 
     def found_in(self, s: str) -> bool:
         """Whether a known value occurs in `s` (decoded bytes: anywhere, in any case)."""
@@ -534,9 +483,19 @@ class _Known:
         return matchers.found_in(s) or gap.found_in(s)
 
     def encoded_in(self, s: str) -> bool:
-        """Whether `s` holds a piece of a known value's base64 or hex (`_needles`)."""
+        """Whether `s` holds a piece of a known value's base64 (once or twice) or hex in any
+        case (`_needles`)."""
         matchers, gap = self.current()
-        return matchers.encoded_in(s) or gap.encoded_in(s)
+        # A needle (no space in it) lies inside one word at least as long: the few such words of
+        # prose are searched, not every position of it (a fourth of the cost for 64 KB of text).
+        words = " ".join([w for w in s.split() if len(w) >= _NEEDLE_LEN])
+        return bool(words) and (matchers.needles.found_in(words) or gap.needles.found_in(words))
+
+    def recased_in(self, run: str) -> bool:
+        """Whether `run` holds a whole piece of a known value's base64 in another case."""
+        matchers, gap = self.current()
+        low = run.lower().translate(_URLSAFE)
+        return matchers.needles.recased_in(low) or gap.needles.recased_in(low)
 
     def partial_at(self, s: str, at: int) -> int:
         """Where a known value begins that `s[:at]` ends inside (at least :data:`MIN_SECRET_LEN`
@@ -573,20 +532,6 @@ def _caseless(value: str) -> bool:
     return len(value) >= _ANYWHERE_LEN or not value.isalpha()
 
 
-def _sub_lowered(pattern: re.Pattern[str], run: str) -> str:
-    """`run` (ASCII: lower-casing keeps its length) with what `pattern` (lower-case values)
-    finds in it lower-cased replaced."""
-    spans = [m.span() for m in pattern.finditer(run.lower())]
-    if not spans:
-        return run
-    out, at = [], 0
-    for start, end in spans:
-        out += [run[at:start], MARKER]
-        at = end
-    out.append(run[at:])
-    return "".join(out)
-
-
 # Runs that may be a known value encoded: base64 (standard and URL-safe, its padding) and hex.
 # An upstream quoting an `Authorization: Basic` header it was sent, or a key it logged as bytes,
 # writes the key this way, inside an encoding of more than the key (`user:key`): decoding the
@@ -598,22 +543,91 @@ _URLSAFE = str.maketrans("-_", "+/")
 _TO_URLSAFE = str.maketrans("+/", "-_")
 # Characters of a secret's encoding looked for before any run is decoded (see `_needles`).
 _NEEDLE_LEN = 12
+_NEEDLE_RUN = re.compile(rf"[A-Za-z0-9+/_\-]{{{_NEEDLE_LEN},}}")
 
 
-def _needles(form: str) -> tuple[list[str], list[str]]:
-    """The fixed pieces of `form`'s encodings, one of which any run of base64 or hex holding
-    `form` contains (base64, lower-case hex): base64 writes 3 bytes as 4 characters, so
-    whatever bytes come before a value (`user:`), the groups wholly inside it are written the
-    same at each of the 3 alignments (from its byte 0, 1 or 2); hex writes each byte as 2
-    characters in any alignment. The first :data:`_NEEDLE_LEN` characters of each suffice to
-    find the runs to decode (`_encoded`). A non-ASCII value's encoding is of its UTF-8 (a
-    Basic-auth password, RFC 7617)."""
-    b64, hexes = [], []
-    # Upper- and lower-cased too: a client or upstream may re-case a key before encoding it.
-    for raw in dict.fromkeys(f.encode("utf-8", "surrogatepass") for f in (form, form.upper(), form.lower())):
-        b64 += [binascii.b2a_base64(raw[k:][: (len(raw) - k) // 3 * 3], newline=False).decode() for k in range(3)]
-        hexes.append(raw.hex()[:_NEEDLE_LEN])
-    return [b[:_NEEDLE_LEN] for b in b64 if b], hexes
+def _pieces(raw: bytes) -> list[str]:
+    """The base64 of `raw` at each of its 3 alignments, whole groups only: base64 writes 3 bytes
+    as 4 characters, so whatever bytes come before a value (`user:`), the groups wholly inside
+    it are written the same at one of the 3 alignments (from its byte 0, 1 or 2)."""
+    return [binascii.b2a_base64(raw[k:][: (len(raw) - k) // 3 * 3], newline=False).decode() for k in range(3)]
+
+
+def _needles(form: str) -> tuple[list[str], list[str], dict[str, list[str]]]:
+    """The fixed pieces of `form`'s encodings, one of which any run holding `form` encoded
+    contains: its base64 (at each alignment; of `form` upper- and lower-cased too, as a client
+    or upstream may re-case a key before encoding it) and the base64 of that base64 (a debug
+    token or trace blob holding a `Basic` header); its hex (lower-case, in any alignment). The
+    first :data:`_NEEDLE_LEN` characters of each suffice to find the runs to decode
+    (`_encoded`). Also the whole pieces of its base64, lower-cased, by their needle: an
+    upstream that upper- or lower-cases its message after encoding leaves no decodable run,
+    but one holding a whole piece in another case (`recased_in`). A non-ASCII value's encoding
+    is of its UTF-8 (a Basic-auth password, RFC 7617)."""
+    b64: list[str] = []
+    hexes: list[str] = []
+    whole: dict[str, list[str]] = {}
+    raw = form.encode("utf-8", "surrogatepass")
+    for cased in dict.fromkeys((raw, form.upper().encode("utf-8", "surrogatepass"), raw.lower())):
+        b64 += [p for p in _pieces(cased) if p]
+        hexes.append(cased.hex()[:_NEEDLE_LEN])
+    for piece in _pieces(raw):
+        if len(piece) >= _NEEDLE_LEN:
+            whole.setdefault(piece[:_NEEDLE_LEN].lower(), []).append(piece.lower())
+            b64 += [p for p in _pieces(piece.encode()) if len(p) >= _NEEDLE_LEN]  # base64 twice
+    return [p[:_NEEDLE_LEN] for p in b64], hexes, whole
+
+
+class _Needles:
+    """The pieces of a set of forms' encodings (`_needles`): patterns for the matchers (built in
+    a thread), plain substring searches for a gap's few forms (nothing to compile on the
+    caller's thread). Base64 is looked for in its own case (lower-cased, a base64 text's
+    letters match twice as often: searching it cost 1.6 times as much), and lower-cased only
+    in the words that are all one case (an upper-cased message)."""
+
+    def __init__(self, forms: Iterable[str], compiled: bool) -> None:
+        b64: set[str] = set()
+        hexes: set[str] = set()
+        self._whole: dict[str, list[str]] = {}
+        for form in forms:
+            found, its_hex, whole = _needles(form)
+            b64.update(found)
+            hexes.update(its_hex)
+            for needle, pieces in whole.items():
+                self._whole.setdefault(needle, []).extend(pieces)
+        self._plain = (sorted(b64), sorted(hexes))
+        self._patterns: list[re.Pattern[str]] = []
+        self._recased: re.Pattern[str] | None = None
+        if compiled:
+            self._plain = ([], [])
+            self._patterns = _needle_patterns(list(b64), list(hexes))
+            self._recased = re.compile(_alternatives(sorted(self._whole))) if self._whole else None
+
+    def found_in(self, words: str) -> bool:
+        """Whether `words` (the long words of a text) hold a needle, or a word all of one case
+        a whole piece's needle in any case."""
+        b64, hexes = self._plain
+        if self._patterns:
+            if any(p.search(words) for p in self._patterns):
+                return True
+        elif b64 or hexes:
+            standard, low = words.translate(_URLSAFE), words.lower()
+            if any(n in standard for n in b64) or any(h in low for h in hexes):
+                return True
+        if not self._whole:
+            return False
+        runs = _NEEDLE_RUN.findall(words)  # the base64 in a word (`"…","type":` is no one case)
+        single = " ".join(r for r in runs if r.isupper() or r.islower()).lower().translate(_URLSAFE)
+        if self._recased is not None:
+            return self._recased.search(single) is not None
+        return any(n in single for n in self._whole)
+
+    def recased_in(self, low: str) -> bool:
+        """Whether `low` (a run lower-cased, URL-safe base64 as standard) holds a whole piece."""
+        if self._recased is not None:
+            starts = [i for i, _ in _all_spans(self._recased, low)]
+        else:
+            starts = [i for i, _ in _spans(low, list(self._whole), whole=False)]
+        return any(low.startswith(p, i) for i in starts for p in self._whole.get(low[i : i + _NEEDLE_LEN], ()))
 
 
 def _needle_patterns(b64: list[str], hexes: list[str]) -> list[re.Pattern[str]]:
@@ -666,14 +680,20 @@ def _encoded(known: _Known, s: str) -> str:
     return _BASE64_RUN.sub(lambda m: MARKER if m.group() in found else m.group(), s)
 
 
-def _holds(known: _Known, run: str) -> bool:
+def _holds(known: _Known, run: str, twice: bool = True) -> bool:
     """Whether `run` (base64 or hex) decodes to text holding a known value: read a character a
     byte (latin-1), then as UTF-8 for a non-ASCII value (only a run holding a piece of a known
-    value's encoding is decoded at all)."""
+    value's encoding is decoded at all); or holds a whole piece of one's base64 in another case
+    (the upstream upper- or lower-cased its message); or, base64 of base64, decodes to a run
+    that does."""
     if not known.encoded_in(run):
         return False
-    decoded = b"\0".join(_decodings(run))
-    return known.found_in(decoded.decode("latin-1")) or known.found_in(decoded.decode("utf-8", "replace"))
+    decoded = b"\0".join(_decodings(run)).decode("latin-1")
+    if known.found_in(decoded) or known.recased_in(run):
+        return True
+    if not decoded.isascii() and known.found_in(decoded.encode("latin-1").decode("utf-8", "replace")):
+        return True
+    return twice and any(_holds(known, m.group(), twice=False) for m in _BASE64_RUN.finditer(decoded))
 
 
 # MIME base64 (e-mail, PEM, Python's `base64.encodebytes`) breaks its lines every 76 (or 64)
@@ -934,8 +954,53 @@ _SPACE_ESCAPE = re.compile(r"\\?([\x1c-\x1f\x85])")
 _AS_ESCAPE = {v: "\\" + k for k, v in _AS_SPACE.items()}
 
 
+# Characters that show nothing (zero-width, soft hyphen, BOM, bidi controls), raw or as a log
+# line's escape (`printable`), between two of a key's characters: written there they hide it from
+# every match, and a reader's copy of the text gives the key back without them. Elsewhere (an
+# emoji's joiner, a word break in Thai) they are no key's. Each searched alone: a character
+# class and a literal prefix the search skips to (one pattern of both, with its lookarounds,
+# was tried at every position: 70 µs for a 2 KB message holding an emoji's joiner).
+_INVISIBLE_CHAR = re.compile(r"[\u00ad\u061c\u180e\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+_INVISIBLE_ESCAPE = re.compile(
+    r"\\(?:x[aA][dD]|u(?:061[cC]|180[eE]|200[b-fB-F]|202[a-eA-E]|206[0-46-9]|[fF][eE][fF][fF]))"
+)
+_KEY_CHAR_SET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=_.~%-")
+
+
+def _unhidden(s: str) -> str | None:
+    """`s` without the invisible characters it has between two of a key's characters, or None
+    when it has none there (`isascii` is O(1): ASCII text without a backslash pays nothing)."""
+    hits = [m.span() for m in _INVISIBLE_CHAR.finditer(s)] if not s.isascii() else []
+    if "\\" in s:
+        hits += [m.span() for m in _INVISIBLE_ESCAPE.finditer(s)]
+    if not hits:
+        return None
+    runs: list[tuple[int, int]] = []  # hits that follow each other, as one
+    for start, end in sorted(hits):
+        if runs and runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((start, end))
+    keys = _KEY_CHAR_SET
+    drop = [(a, b) for a, b in runs if a > 0 and b < len(s) and s[a - 1] in keys and s[b] in keys]
+    if not drop:
+        return None
+    out, at = [], 0
+    for start, end in drop:
+        out.append(s[at:start])
+        at = end
+    out.append(s[at:])
+    return "".join(out)
+
+
 def _credentials(s: str) -> str:
-    """`s` with every known secret and credential shape replaced by :data:`MARKER`, as written."""
+    """`s` with every known secret and credential shape replaced by :data:`MARKER`, as written;
+    a text whose secret invisible characters hide is written without them."""
+    bare = _unhidden(s)
+    if bare is not None:
+        masked = _credentials(bare)
+        if masked != bare:
+            return masked
     if "\\/" in s or "\\u00" in s:  # a substring test on the common path
         s = _JSON_ESCAPE.sub(_unescaped, s)
     spaced = "\\" in s and not _SPACE_ESCAPE.search(s)
