@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import orjson
 from aiohttp import web
@@ -44,6 +44,7 @@ from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore, Store
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, Identity
 from edgeroute.errors import ProxyError
+from edgeroute.outcome import Outcome
 from edgeroute.upstream import Upstream
 
 log = logging.getLogger("edgeroute.cache")
@@ -78,6 +79,21 @@ def stale_reason(error: ProxyError) -> str | None:
     if any(d.get("error") not in _UNAVAILABLE for d in error.details or ()):
         return None
     return error.code or error.type
+
+
+class _Attempt(Protocol):
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def cost_usd(self) -> float: ...
+
+
+def answer_cost(attempts: Iterable[_Attempt]) -> float:
+    """What producing an answer cost, kept in its entry as what each hit saves: its successful
+    attempts' (one; an embeddings request split in pieces has several), not those that failed
+    before it or lost a hedge beside it (priced at their prompt), which the miss paid and a
+    hit does not replace."""
+    return sum(a.cost_usd for a in attempts if a.outcome == Outcome.SUCCESS)
 
 
 # The longest last user turn (characters) looked up and indexed by meaning. Embedding runs on
