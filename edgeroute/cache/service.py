@@ -463,7 +463,7 @@ class ResponseCache:
         """Asks a remote store for the plan's exact entry now, so that the round trip overlaps
         admission's; `lookup` uses the answer. Call `discard` if the request goes no further."""
         if plan is not None and plan.label != "bypass" and isinstance(self.store, RedisStore):
-            plan.fetching = self.store.fetch(plan.route, plan.key)
+            plan.fetching = self.store.fetch(plan.route, plan.key, plan.settings.max_entry_bytes)
 
     @staticmethod
     def discard(plan: Plan | None) -> None:
@@ -486,9 +486,9 @@ class ResponseCache:
         fetching, plan.fetching = plan.fetching, None
         shared = self.store if isinstance(self.store, RedisStore) else None
         if fetching is not None and shared is not None:
-            entry = await shared.get(plan.route, plan.key, fetching)
+            entry = await shared.get(plan.route, plan.key, plan.settings.max_entry_bytes, fetching)
         else:
-            entry = await self.store.get(plan.route, plan.key)
+            entry = await self.store.get(plan.route, plan.key, plan.settings.max_entry_bytes)
         if entry is not None and not self._belongs(plan, plan.key, entry):
             entry = None
         if entry is not None and entry.servable(allowed):  # else produced where this request may not go
@@ -617,7 +617,7 @@ class ResponseCache:
         if index is None:
             return None
         for cand in index.search(plan.vector, plan.context, plan.guards, plan.settings.similarity):
-            entry = await self.store.get(plan.route, cand.key)
+            entry = await self.store.get(plan.route, cand.key, plan.settings.max_entry_bytes)
             if (
                 entry is not None
                 and self._belongs(plan, cand.key, entry)
