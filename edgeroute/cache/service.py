@@ -646,6 +646,9 @@ class ResponseCache:
         """`deployment`: the answering deployment's `DeploymentInfo.cached_as`."""
         if not plan.stores:
             return
+        if len(body) > plan.settings.max_entry_bytes:  # by its size, not parsed on the loop to be dropped
+            self.counters.too_large += 1
+            return
         if kind_of(body) == plan.kind:  # (what `Entry.loads` reads back)
             self._save(plan, self._entry(plan, body, deployment, cost_usd))
 
