@@ -635,8 +635,13 @@ class ResponseCache:
 
     def serve_stale(self, plan: Plan, error: ProxyError) -> Entry | None:
         """The stale entry to answer with now that every deployment failed with `error`, if
-        there is one and the failure is one of availability (`stale_reason`)."""
+        there is one and the failure is one of availability (`stale_reason`), and it is still
+        within its window (and the client's `max-stale`, `max-age`) now: it was chosen at the
+        lookup, and the calls that failed since may have taken minutes."""
         if plan.stale is None or stale_reason(error) is None:
+            return None
+        age, ttl = plan.stale.age(), plan.settings.ttl
+        if age > ttl + plan.settings.stale_if_error or not plan.directive.stale_ok(age, ttl):
             return None
         plan.label = "stale"
         self.counters.stale += 1
