@@ -29,7 +29,16 @@ from edgeroute import (
 from edgeroute.accounting import RequestRecord, billed_usage
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Counter, Ticket, rerouted_model, with_model
 from edgeroute.cache.entry import Entry, completion_from_stream
-from edgeroute.cache.service import CACHE, STALE_REASON, Plan, ResponseCache, rule_admits, stale_reason, tenant_of
+from edgeroute.cache.service import (
+    CACHE,
+    STALE_REASON,
+    Plan,
+    ResponseCache,
+    answer_cost,
+    rule_admits,
+    stale_reason,
+    tenant_of,
+)
 from edgeroute.cache.settings import RouteCache
 from edgeroute.capacity import class_ceiling, class_name, request_class, spill_note
 from edgeroute.config import Config, Model, Shadow
@@ -405,7 +414,7 @@ async def chat_completions(request: web.Request, dialect: Dialect | None = None)
             hdrs[headers.COST] = f"{cost:.8f}"
             rec.status = 200
             if plan is not None:
-                cache.save_json(plan, body_with_usage(answer), dep.cached_as, cost)
+                cache.save_json(plan, body_with_usage(answer), dep.cached_as, answer_cost(rec.attempts))
             if rec.content_mode != "none":
                 rec.content_response = answer.body
             shadow.maybe_mirror(
@@ -600,9 +609,9 @@ def _tenant(request: web.Request, settings: RouteCache | None) -> str:
 def _stream_saver(
     request: web.Request, plan: Plan, deployment: tuple[str, str], rec: RequestRecord
 ) -> Callable[[bytes], None]:
-    """Stores a stream once it has ended cleanly, costed as the request was."""
+    """Stores a stream once it has ended cleanly, costed as its answer was (`answer_cost`)."""
     cache = request.app[CACHE]
-    return lambda stream: cache.save_stream(plan, stream, deployment, sum(a.cost_usd for a in rec.attempts))
+    return lambda stream: cache.save_stream(plan, stream, deployment, answer_cost(rec.attempts))
 
 
 def _stream_mirror(

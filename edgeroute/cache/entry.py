@@ -280,14 +280,23 @@ _COMPLETE = frozenset({"stop", "tool_calls", "function_call"})
 def finished(completion: dict[str, Any]) -> bool:
     """Whether every choice of `completion` ended normally, so that it may be stored. A refusal
     (`message.refusal`) did not: it is a verdict as a content filter's is (an Anthropic refusal
-    arrives as `content_filter`), often transient, and must not be pinned for the ttl."""
+    arrives as `content_filter`), often transient, and must not be pinned for the ttl. Nor did a
+    choice with nothing in it (no text, no tool call): how a generation that went wrong reads
+    once translated (Gemini's `MALFORMED_FUNCTION_CALL` says `stop`), which asking again mends."""
     choices = completion.get("choices") or ()
-    return len(choices) > 0 and all(c.get("finish_reason") in _COMPLETE and not _refused(c) for c in choices)
+    return len(choices) > 0 and all(
+        c.get("finish_reason") in _COMPLETE and not _refused(c) and _said(c) for c in choices
+    )
 
 
 def _refused(choice: dict[str, Any]) -> bool:
     msg = choice.get("message")
     return isinstance(msg, dict) and bool(msg.get("refusal"))
+
+
+def _said(choice: dict[str, Any]) -> bool:
+    msg = choice.get("message")
+    return isinstance(msg, dict) and bool(msg.get("content") or msg.get("tool_calls"))
 
 
 def embeddings_from_json(body: bytes) -> dict[str, Any] | None:

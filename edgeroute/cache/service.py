@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import orjson
 from aiohttp import web
@@ -44,6 +44,7 @@ from edgeroute.cache.stores import CacheCounters, MemoryStore, RedisStore, Store
 from edgeroute.config import Config
 from edgeroute.cost.keys import IDENTITY, Identity
 from edgeroute.errors import ProxyError
+from edgeroute.outcome import Outcome
 from edgeroute.upstream import Upstream
 
 log = logging.getLogger("edgeroute.cache")
@@ -78,6 +79,21 @@ def stale_reason(error: ProxyError) -> str | None:
     if any(d.get("error") not in _UNAVAILABLE for d in error.details or ()):
         return None
     return error.code or error.type
+
+
+class _Attempt(Protocol):
+    @property
+    def outcome(self) -> str: ...
+    @property
+    def cost_usd(self) -> float: ...
+
+
+def answer_cost(attempts: Iterable[_Attempt]) -> float:
+    """What producing an answer cost, kept in its entry as what each hit saves: its successful
+    attempts' (one; an embeddings request split in pieces has several), not those that failed
+    before it or lost a hedge beside it (priced at their prompt), which the miss paid and a
+    hit does not replace."""
+    return sum(a.cost_usd for a in attempts if a.outcome == Outcome.SUCCESS)
 
 
 # The longest last user turn (characters) looked up and indexed by meaning. Embedding runs on
@@ -447,7 +463,7 @@ class ResponseCache:
         """Asks a remote store for the plan's exact entry now, so that the round trip overlaps
         admission's; `lookup` uses the answer. Call `discard` if the request goes no further."""
         if plan is not None and plan.label != "bypass" and isinstance(self.store, RedisStore):
-            plan.fetching = self.store.fetch(plan.route, plan.key)
+            plan.fetching = self.store.fetch(plan.route, plan.key, plan.settings.max_entry_bytes)
 
     @staticmethod
     def discard(plan: Plan | None) -> None:
@@ -470,9 +486,9 @@ class ResponseCache:
         fetching, plan.fetching = plan.fetching, None
         shared = self.store if isinstance(self.store, RedisStore) else None
         if fetching is not None and shared is not None:
-            entry = await shared.get(plan.route, plan.key, fetching)
+            entry = await shared.get(plan.route, plan.key, plan.settings.max_entry_bytes, fetching)
         else:
-            entry = await self.store.get(plan.route, plan.key)
+            entry = await self.store.get(plan.route, plan.key, plan.settings.max_entry_bytes)
         if entry is not None and not self._belongs(plan, plan.key, entry):
             entry = None
         if entry is not None and entry.servable(allowed):  # else produced where this request may not go
@@ -601,7 +617,7 @@ class ResponseCache:
         if index is None:
             return None
         for cand in index.search(plan.vector, plan.context, plan.guards, plan.settings.similarity):
-            entry = await self.store.get(plan.route, cand.key)
+            entry = await self.store.get(plan.route, cand.key, plan.settings.max_entry_bytes)
             if (
                 entry is not None
                 and self._belongs(plan, cand.key, entry)
@@ -619,8 +635,13 @@ class ResponseCache:
 
     def serve_stale(self, plan: Plan, error: ProxyError) -> Entry | None:
         """The stale entry to answer with now that every deployment failed with `error`, if
-        there is one and the failure is one of availability (`stale_reason`)."""
+        there is one and the failure is one of availability (`stale_reason`), and it is still
+        within its window (and the client's `max-stale`, `max-age`) now: it was chosen at the
+        lookup, and the calls that failed since may have taken minutes."""
         if plan.stale is None or stale_reason(error) is None:
+            return None
+        age, ttl = plan.stale.age(), plan.settings.ttl
+        if age > ttl + plan.settings.stale_if_error or not plan.directive.stale_ok(age, ttl):
             return None
         plan.label = "stale"
         self.counters.stale += 1
@@ -629,6 +650,9 @@ class ResponseCache:
     def save_json(self, plan: Plan, body: bytes, deployment: tuple[str, str], cost_usd: float) -> None:
         """`deployment`: the answering deployment's `DeploymentInfo.cached_as`."""
         if not plan.stores:
+            return
+        if len(body) > plan.settings.max_entry_bytes:  # by its size, not parsed on the loop to be dropped
+            self.counters.too_large += 1
             return
         if kind_of(body) == plan.kind:  # (what `Entry.loads` reads back)
             self._save(plan, self._entry(plan, body, deployment, cost_usd))

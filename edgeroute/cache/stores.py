@@ -15,13 +15,24 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edgeroute import redis_client
-from edgeroute.cache.entry import Entry, InvalidEntry
+from edgeroute.cache.entry import MAX_STORED_BYTES, Entry, InvalidEntry
+from edgeroute.cache.settings import MAX_ENTRY_BYTES
 from edgeroute.cache.signing import EntrySigner, unsigned
 from edgeroute.redis_pipe import RedisPipe, Script, encode
 
 log = logging.getLogger("edgeroute.cache")
 
 DECODED_MAX_BYTES = 4 * 1024 * 1024  # decoded Redis entries kept in process, stored form and body
+
+
+def value_cap(max_entry_bytes: int) -> int:
+    """The longest value edgeroute writes for an answer of at most `max_entry_bytes` (a route's):
+    with its header, compressed (deflate adds at most 5 bytes per 16 KiB it cannot shrink) and
+    signed. A read asks for no more than one byte past it (`GETRANGE`): a longer value, planted,
+    was read whole on the event loop (a second of it for 256 MiB, until the Redis timeout cut the
+    pipe every request shares) and left there for the next request to read again."""
+    raw = max_entry_bytes + (MAX_STORED_BYTES - MAX_ENTRY_BYTES)
+    return raw + (raw >> 10) + 1024
 
 
 ENTRY = "e "  # a member of an `owned_set` naming an entry
@@ -166,7 +177,8 @@ class CacheCounters:
 
 
 class Store(Protocol):
-    async def get(self, route: str, key: str) -> Entry | None: ...
+    async def get(self, route: str, key: str, max_entry_bytes: int = MAX_ENTRY_BYTES) -> Entry | None:
+        """The entry, if any; `max_entry_bytes`: the route's (a larger one is none it wrote)."""
 
     async def put(
         self,
@@ -288,7 +300,7 @@ class MemoryStore:
         self.counters = counters
         self._routes: dict[str, _Route] = {}
 
-    async def get(self, route: str, key: str) -> Entry | None:
+    async def get(self, route: str, key: str, max_entry_bytes: int = MAX_ENTRY_BYTES) -> Entry | None:
         return self.get_now(route, key)
 
     def get_now(self, route: str, key: str, now: float | None = None) -> Entry | None:
@@ -381,21 +393,30 @@ class RedisStore:
     def _key(self, route: str, key: str) -> str:
         return f"{self.prefix}:cache:{route}:{key}"
 
-    def fetch(self, route: str, key: str) -> asyncio.Future[Any]:
-        """Asks for an entry (no task; written with the next command sent now, e.g. admission's
-        script, or at the end of this loop pass); `get` reads the answer."""
-        return self.pipe.send(encode(("GET", self._key(route, key))), soon=True)
+    def fetch(self, route: str, key: str, max_entry_bytes: int = MAX_ENTRY_BYTES) -> asyncio.Future[Any]:
+        """Asks for an entry, at most one byte more than its route's could be (`value_cap`) (no
+        task; written with the next command sent now, e.g. admission's script, or at the end of
+        this loop pass); `get` reads the answer."""
+        cap = str(value_cap(max_entry_bytes))
+        return self.pipe.send(encode(("GETRANGE", self._key(route, key), "0", cap)), soon=True)
 
-    async def get(self, route: str, key: str, fetching: asyncio.Future[Any] | None = None) -> Entry | None:
+    async def get(
+        self, route: str, key: str, max_entry_bytes: int = MAX_ENTRY_BYTES, fetching: asyncio.Future[Any] | None = None
+    ) -> Entry | None:
         try:
-            data = await (fetching if fetching is not None else self.fetch(route, key))
+            data = await (fetching if fetching is not None else self.fetch(route, key, max_entry_bytes))
         except redis_client.errors() as e:
             self.counters.errors += 1
             log.warning("response cache: Redis unavailable (%s); serving a miss", type(e).__name__)
             return None
-        if not isinstance(data, bytes):
-            return None  # no such key (a reply of another type cannot come from a GET)
+        if not isinstance(data, bytes) or not data:
+            return None  # no such key (`GETRANGE` answers it empty; a reply of another type cannot come)
         name = self._key(route, key)
+        if len(data) > value_cap(max_entry_bytes):  # (only its first bytes were read)
+            self.counters.invalid += 1
+            log.warning("response cache: a value larger than its route's entries for %s was ignored and deleted", route)
+            self._delete(name)
+            return None
         if (known := self._decoded.get(data)) is not None and known[0] == name:
             self._decoded.move_to_end(data)
             return known[1]

@@ -24,7 +24,7 @@ from aiohttp import web
 from edgeroute import _core, headers, provider_files, shadow
 from edgeroute.accounting import RequestRecord
 from edgeroute.admission import ADMISSION, CACHE_MAY_ANSWER, Ticket, rerouted_model, with_model
-from edgeroute.cache.service import CACHE, Plan, ResponseCache
+from edgeroute.cache.service import CACHE, Plan, ResponseCache, answer_cost
 from edgeroute.capacity import class_name
 from edgeroute.config import Timeouts
 from edgeroute.cost.keys import IDENTITY
@@ -397,7 +397,7 @@ async def serve(
             cost = sum(a.cost_usd for a in rec.attempts)
             hdrs[headers.COST] = f"{cost:.8f}"
             if plan is not None:
-                request.app[CACHE].save_json(plan, got.body, dep.cached_as, cost)
+                request.app[CACHE].save_json(plan, got.body, dep.cached_as, answer_cost(rec.attempts))
             if rec.content_mode != "none":
                 rec.content_response = got.body
             if mirrored is not None and parsed.answer_text is not None and shadow.sampled(mirrored.percent):
