@@ -55,6 +55,7 @@ from edgeroute.http_server import ProxyServer
 from edgeroute.leases import SharedSlots
 from edgeroute.metrics import METRICS
 from edgeroute.reload import admin_reload, reload_from_source
+from edgeroute.request_input import read_body
 from edgeroute.router_shadow import evaluator as router_shadow
 from edgeroute.state import RECORDER, STATE, Counters, Live, ServerState
 from edgeroute.telemetry import app as telemetry
@@ -355,7 +356,7 @@ def create_app(
     app[CACHE].bind_embedders(lambda: (app[STATE].live.config, app[STATE].live.upstreams))
     app[METRICS].sources.append(cache_metrics)
     base_dir = Path(source).parent if not source.startswith("<") else None
-    learning.install(app, config, base_dir)
+    learning.install(app, config, base_dir, read_body)
     learning_share.install(app, config)  # posteriors shared between instances (with shared_state)
     router_shadow.install(app, config, source)  # a candidate router evaluated on live traffic
     governance_app.install(app, config, source)  # keys, config versions, audit (after the ledger's tables)
