@@ -245,6 +245,12 @@ class Inflate:
         except zlib.error:
             self._fail(ContentEncodingError("bad compressed body"))
             return
+        if self._d.unused_data:
+            # Bytes after the end of the compressed stream (garbage, or a second gzip member, which
+            # RFC 1952 joins to the first): read as the first part only, the body was another
+            # than a reader in front saw. Refused, as a truncated stream is.
+            self._fail(ContentEncodingError("bytes after the compressed body"))
+            return
         self.size += len(data)
         if self.size > self.limit or self._d.unconsumed_tail:
             self._fail(HTTPRequestEntityTooLarge(max_size=self.limit, actual_size=self.size))
