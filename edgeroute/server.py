@@ -101,7 +101,14 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
             404: f"Unknown request URL: {request.method} {path}.",
             405: f"Method {request.method} is not allowed for {path}.",
         }.get(e.status, e.reason)
-        resp = web.Response(status=e.status, body=error_body(e.status, msg), content_type="application/json")
+        # A 405 says which methods the path takes (RFC 9110 requires it); aiohttp's exception had it.
+        allow = e.headers.get("Allow")
+        resp = web.Response(
+            status=e.status,
+            body=error_body(e.status, msg),
+            content_type="application/json",
+            headers=None if allow is None else {"Allow": allow},
+        )
     except HttpProcessingError as e:
         # A body that could not be read (a bad chunk, or late): the client's fault, never a
         # traceback; the connection is closed after.
