@@ -21,7 +21,9 @@ def page(names: Sequence[str], query: Mapping[str, str]) -> dict[str, Any]:
     """The page of `names` that `query` asks for (`limit`, and `after_id` or `before_id`: the
     models after or before that one; a cursor naming no listed model is an empty page)."""
     raw = query.get("limit", str(DEFAULT_LIMIT))
-    limit = int(raw) if raw.isdigit() and len(raw) < 6 else 0
+    # ASCII digits only: `isdigit` also takes a superscript two (which `int` refuses: a 500)
+    # and Arabic-Indic digits.
+    limit = int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 6 else 0
     if not 1 <= limit <= MAX_LIMIT:
         raise ProxyError(400, f"limit: must be an integer from 1 to {MAX_LIMIT}.", param="limit")
     after, before = query.get("after_id"), query.get("before_id")

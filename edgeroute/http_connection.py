@@ -245,6 +245,12 @@ class Inflate:
         except zlib.error:
             self._fail(ContentEncodingError("bad compressed body"))
             return
+        if self._d.unused_data:
+            # Bytes after the end of the compressed stream (garbage, or a second gzip member, which
+            # RFC 1952 joins to the first): read as the first part only, the body was another
+            # than a reader in front saw. Refused, as a truncated stream is.
+            self._fail(ContentEncodingError("bytes after the compressed body"))
+            return
         self.size += len(data)
         if self.size > self.limit or self._d.unconsumed_tail:
             self._fail(HTTPRequestEntityTooLarge(max_size=self.limit, actual_size=self.size))
@@ -576,7 +582,11 @@ class Connection(BaseProtocol):
         if te is not None:
             if len(headers.getall("Transfer-Encoding")) > 1:
                 raise MalformedRequest()  # read whole by the parser, by one header here: one reading only
-            chunked = "chunked" in te.lower()
+            # The parser takes only a list ending in `chunked`; a coding before it (`gzip, chunked`)
+            # was ignored, its bytes read as the body: no coding but chunked is served (400).
+            if te.strip().lower() != "chunked":
+                raise MalformedRequest()
+            chunked = True
             # RFC 9112 6.1: HTTP/1.0 with Transfer-Encoding: the framing is faulty, close after it.
             should_close = should_close or version is HttpVersion10
         has_body = chunked or headers.get("Content-Length", "0") not in ("0", "")

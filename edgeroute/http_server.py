@@ -125,7 +125,12 @@ class ProxyServer:
             return _expectation_failed(request.path)
         try:
             # `100 Continue` is sent when the handler first waits for the body (`ContinueReader`).
-            handler = self._chain(request, await self.app.router.resolve(request))
+            match_info = await self.app.router.resolve(request)
+            handler = self._chain(request, match_info)
+            if handler is None and expect is not None:
+                # A 404 or 405: aiohttp's `_handle` sends `100 Continue` before the middleware, so
+                # a client without a key was asked for a body only to be refused; not asked here.
+                handler = self._error_chain(request, match_info)
             if handler is not None:
                 return await handler(request)
             if expect is not None and isinstance(request.content, ContinueReader):
@@ -151,21 +156,37 @@ class ProxyServer:
         route, and a middleware around every chain to make a sub-application the request's
         `app` (with none, the application is already: a coroutine fewer at each step of the
         request). None for anything else (a 404 or 405): aiohttp's own resolves it again."""
-        app = self.app
-        # aiohttp's private state, read with defaults: an aiohttp without it gets its own `_handle`.
-        legacy, subapps = getattr(app, "_has_legacy_middlewares", True), getattr(app, "_subapps", True)
-        if type(match_info) is not UrlMappingMatchInfo or legacy or subapps:
+        if type(match_info) is not UrlMappingMatchInfo or not self._bind(request, match_info):
             return None
-        match_info.add_app(app)
-        match_info.freeze()
-        request._match_info = match_info
         route_handler = match_info.handler
         handler = self._chains.get(route_handler)
         if handler is None:
-            handler = route_handler
-            for m in reversed(app.middlewares):  # as aiohttp chains them: the first outermost
-                handler = update_wrapper(partial(m, handler=handler), handler)
-            self._chains[route_handler] = handler
+            handler = self._chains[route_handler] = self._within_middleware(route_handler)
+        return handler
+
+    def _error_chain(self, request: web.Request, match_info: AbstractMatchInfo) -> Handler | None:
+        """The middleware around a 404's or 405's handler (aiohttp's `MatchInfoError`), as
+        aiohttp's `_handle` chains it but without its `Expect` handling; not kept (aiohttp makes
+        a new handler for each). None where `_chain` would not chain."""
+        if not isinstance(match_info, UrlMappingMatchInfo) or not self._bind(request, match_info):
+            return None
+        return self._within_middleware(match_info.handler)
+
+    def _bind(self, request: web.Request, match_info: UrlMappingMatchInfo) -> bool:
+        """Makes `match_info` the request's, as `_handle` does; False (nothing done) where the
+        application has old-style middleware or a sub-application, which `_handle` serves."""
+        app = self.app
+        # aiohttp's private state, read with defaults: an aiohttp without it gets its own `_handle`.
+        if getattr(app, "_has_legacy_middlewares", True) or getattr(app, "_subapps", True):
+            return False
+        match_info.add_app(app)
+        match_info.freeze()
+        request._match_info = match_info
+        return True
+
+    def _within_middleware(self, handler: Handler) -> Handler:
+        for m in reversed(self.app.middlewares):  # as aiohttp chains them: the first outermost
+            handler = update_wrapper(partial(m, handler=handler), handler)
         return handler
 
     def admit(self, conn: Connection) -> bool:

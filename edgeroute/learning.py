@@ -37,7 +37,7 @@ import random
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -468,9 +468,13 @@ SHADOW_SUFFIX = "-shadow"  # a mirror's request id: `<primary id>-shadow` (`shad
 
 @dataclass(slots=True)
 class FeedbackGate:
-    """Per-caller rate limit and a bound on concurrent log lookups for `POST /v1/feedback`."""
+    """Per-caller rate limit and a bound on concurrent log lookups for `POST /v1/feedback`, and
+    how its body is read: as every client endpoint's (`request_input.read_body`, from the API
+    layer above this one): only the accepted content types, a repeated key refused. aiohttp's
+    `read()` took a browser form's `text/plain`, which a page may post without a preflight."""
 
     limiter: LocalLimiter
+    read_body: Callable[[web.Request], Awaitable[bytes]]
     lookups: int = 0
 
     def admit(self, request: web.Request) -> None:
@@ -564,7 +568,7 @@ async def feedback_endpoint(request: web.Request) -> web.Response:
     gate = request.app[FEEDBACK_GATE]
     gate.admit(request)
     try:
-        data = orjson.loads(await request.read())
+        data = orjson.loads(await gate.read_body(request))
         rid, score = data["request_id"], data["score"]
     except (orjson.JSONDecodeError, KeyError, TypeError):
         raise ProxyError(400, 'Expected {"request_id": "...", "score": 0..1}.', code="invalid_request") from None
@@ -669,9 +673,14 @@ async def reset_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=orjson.dumps({"reset": True} | said), content_type="application/json")
 
 
-def install(app: web.Application, config: Config, base_dir: Path | None) -> None:
+def install(
+    app: web.Application,
+    config: Config,
+    base_dir: Path | None,
+    read_body: Callable[[web.Request], Awaitable[bytes]],
+) -> None:
     """Adds the feedback endpoints, and the learner when `learning.feedback` is configured."""
-    app[FEEDBACK_GATE] = FeedbackGate(LocalLimiter())
+    app[FEEDBACK_GATE] = FeedbackGate(LocalLimiter(), read_body)
     app.router.add_post("/v1/feedback", feedback_endpoint)
     app.router.add_get("/admin/learning", learning_state)
     app.router.add_post("/admin/learning/reset", reset_endpoint)

@@ -55,6 +55,7 @@ from edgeroute.http_server import ProxyServer
 from edgeroute.leases import SharedSlots
 from edgeroute.metrics import METRICS
 from edgeroute.reload import admin_reload, reload_from_source
+from edgeroute.request_input import read_body
 from edgeroute.router_shadow import evaluator as router_shadow
 from edgeroute.state import RECORDER, STATE, Counters, Live, ServerState
 from edgeroute.telemetry import app as telemetry
@@ -100,7 +101,14 @@ async def front_middleware(request: web.Request, handler: Handler) -> web.Stream
             404: f"Unknown request URL: {request.method} {path}.",
             405: f"Method {request.method} is not allowed for {path}.",
         }.get(e.status, e.reason)
-        resp = web.Response(status=e.status, body=error_body(e.status, msg), content_type="application/json")
+        # A 405 says which methods the path takes (RFC 9110 requires it); aiohttp's exception had it.
+        allow = e.headers.get("Allow")
+        resp = web.Response(
+            status=e.status,
+            body=error_body(e.status, msg),
+            content_type="application/json",
+            headers=None if allow is None else {"Allow": allow},
+        )
     except HttpProcessingError as e:
         # A body that could not be read (a bad chunk, or late): the client's fault, never a
         # traceback; the connection is closed after.
@@ -355,7 +363,7 @@ def create_app(
     app[CACHE].bind_embedders(lambda: (app[STATE].live.config, app[STATE].live.upstreams))
     app[METRICS].sources.append(cache_metrics)
     base_dir = Path(source).parent if not source.startswith("<") else None
-    learning.install(app, config, base_dir)
+    learning.install(app, config, base_dir, read_body)
     learning_share.install(app, config)  # posteriors shared between instances (with shared_state)
     router_shadow.install(app, config, source)  # a candidate router evaluated on live traffic
     governance_app.install(app, config, source)  # keys, config versions, audit (after the ledger's tables)

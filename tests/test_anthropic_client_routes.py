@@ -74,6 +74,17 @@ async def test_models_list_is_anthropics_for_an_anthropic_client(start_proxy) ->
         assert _is_anthropic_error(bad.value.body, "invalid_request_error"), bad.value.body
 
 
+@pytest.mark.parametrize("limit", ["\u00b2", "\u2460", "\u0661", "1e1", " 5"])
+async def test_a_models_limit_of_other_digits_is_a_400_not_a_500(start_proxy, limit: str) -> None:
+    """`str.isdigit` says yes to a superscript two and to Arabic-Indic digits, which `int()`
+    refused (a 500) or read (a page of some size): only ASCII digits are a limit."""
+    proxy: Proxy = await start_proxy(CFG)
+    async with _anthropic(proxy) as client:
+        with pytest.raises(anthropic.BadRequestError) as bad:
+            await client.models.list(extra_query={"limit": limit})
+        assert _is_anthropic_error(bad.value.body, "invalid_request_error"), bad.value.body
+
+
 async def test_models_list_stays_openais_for_an_openai_client(start_proxy) -> None:
     proxy: Proxy = await start_proxy(CFG)
     async with openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0) as client:

@@ -39,6 +39,25 @@ async def test_mock_matches_the_sdk_types(start_upstream) -> None:
     assert isinstance(r, CreateEmbeddingResponse) and len(r.data) == 2 and len(r.data[0].embedding) == 4
 
 
+async def test_dimensions_past_any_models_are_a_400_from_the_mocks(start_upstream, start_proxy, start_mock) -> None:
+    """Passed through by the proxy, refused by the mocks as the providers refuse them: the mock
+    built a list of `dimensions` floats, and `2**53` took its process past the machine's memory."""
+    up = await start_upstream()
+    proxy = await start_proxy(_embed_config(up.base_url))
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        await client.embeddings.create(model="embed", input="x", dimensions=100_000)
+    assert "dimensions" in e.value.message, e.value.body
+    gem = await start_mock("gemini", api_key="key-g")
+    cfg = provider_config({"g": gem})
+    cfg["deployments"]["d-g"]["model"] = "text-embedding-004"
+    proxy = await start_proxy(cfg)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        await client.embeddings.create(model="m", input="x", dimensions=100_000)
+    assert len((await client.embeddings.create(model="m", input="x", dimensions=3072)).data[0].embedding) == 3072
+
+
 async def test_embeddings_routed_priced_and_recorded(start_upstream, start_proxy) -> None:
     up = await start_upstream(record=True, api_key="key-oa-upstream-secret")
     proxy = await start_proxy(_embed_config(up.base_url))

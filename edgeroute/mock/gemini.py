@@ -221,6 +221,8 @@ async def embed(request: web.Request, model: str) -> web.Response:
             return google_error(400, "* BatchEmbedContentsRequest.model: each request's model must match the batch's")
         text = _text((item.get("content") or {}).get("parts"))
         dims = _field(item, "outputDimensionality") or 8
+        if not isinstance(dims, int) or not 1 <= dims <= openai_endpoints.MAX_DIMENSIONS:
+            return google_error(400, "* BatchEmbedContentsRequest.requests[0].output_dimensionality: out of range")
         out.append({"values": openai_endpoints.vector(text, dims)})
     return web.Response(body=orjson.dumps({"embeddings": out}), content_type="application/json")
 

@@ -73,6 +73,12 @@ async def _admit(request: web.Request, required: str) -> dict[str, Any] | web.Re
     return body
 
 
+# The most dimensions a provider's embedding model gives (OpenAI's text-embedding-3-large,
+# Gemini's): a client's `dimensions: 2**53` built a list of that many floats (the mock's
+# process killed for memory), where the provider answers a 400.
+MAX_DIMENSIONS = 3072
+
+
 def vector(item: Any, dims: int) -> list[float]:
     """A deterministic unit-ish vector for one input (a string or a token list)."""
     seed = hashlib.sha256(orjson.dumps(item)).digest()
@@ -91,7 +97,7 @@ async def embeddings(request: web.Request) -> web.Response:
     raw = got["input"]
     items = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
     dims = got.get("dimensions") or 8
-    if not isinstance(dims, int) or dims < 1:
+    if not isinstance(dims, int) or not 1 <= dims <= MAX_DIMENSIONS:
         return openai_error(request, 400, "Invalid value for 'dimensions'.", param="dimensions")
     fmt = got.get("encoding_format") or "float"
     data = []

@@ -90,6 +90,9 @@ _G = b"GET /v1/models HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + TOKEN.enc
         ("duplicate Content-Length", _P + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}x"),
         ("obfuscated TE", _P + b"Transfer-Encoding: xchunked\r\n\r\n"),
         ("TE with space", _P + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n"),
+        # A coding before chunked was ignored: the bytes a gateway in front would inflate were read as they came.
+        ("TE gzip, chunked", _P + b"Transfer-Encoding: gzip, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"),
+        ("TE chunked, chunked", _P + b"Transfer-Encoding: chunked, chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"),
         ("bad chunk size", _P + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"),
         ("bare LF header", _P + b"X: y\nZ: w\r\nContent-Length: 2\r\n\r\n{}"),
         ("NUL in header", _G + b"\x00\r\n\r\n"),

@@ -159,6 +159,9 @@ async def test_an_upgrade_request_is_answered_in_http_1_1(leaky: Leaky, serve) -
     assert all("Upgrade" not in h and "upgrade" not in h for h in leaky.seen)
 
 
+_BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+
+
 def _compressed(encoding: str, data: bytes) -> bytes:
     if encoding == "gzip":
         return gzip.compress(data)
@@ -185,6 +188,11 @@ async def test_a_compressed_body_is_read(leaky: Leaky, serve, encoding: str) -> 
         ("a bomb past the body limit", b"gzip", gzip.compress(b"{" + b" " * 2_000_000 + b"}"), 413),
         ("corrupt", b"gzip", b"\x1f\x8b\x08\x00garbage-garbage", 400),
         ("truncated", b"gzip", gzip.compress(b'{"model": "m"}')[:-6], 400),
+        # Bytes after the compressed stream were dropped: a body read as its first part only
+        # (a gateway in front that joins gzip members, as RFC 1952 reads them, saw another).
+        ("bytes after the stream", b"gzip", gzip.compress(_BODY) + b"GARBAGE", 400),
+        ("a second gzip member", b"gzip", gzip.compress(_BODY) + gzip.compress(b'{"model": "x"}'), 400),
+        ("bytes after a deflate stream", b"deflate", zlib.compress(_BODY) + b"GARBAGE", 400),
         ("unsupported", b"br", b"\x0b\x02\x80{}\x03", 415),
     ],
 )

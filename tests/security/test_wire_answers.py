@@ -516,6 +516,52 @@ async def test_100_continue_comes_only_after_authentication(serve: Any, serve_ro
     assert answer.startswith(b"HTTP/1.1 200")
 
 
+@pytest.mark.parametrize(
+    ("path", "key", "status"),
+    [
+        (b"/v1/nothing", False, 401),
+        (b"/v1/models", False, 401),  # a GET route, POSTed
+        (b"/v1/messages/batches", False, 401),
+        (b"/v1/nothing", True, 404),
+        (b"/v1/models", True, 405),
+    ],
+)
+async def test_100_continue_is_not_sent_for_a_path_that_is_no_route(
+    serve: Any, serve_routes: ServeRoutes, path: bytes, key: bool, status: int
+) -> None:
+    """A 404 or 405 (or the 401 before it) needs no body: the client is not asked for one."""
+    up = await serve_routes(web.post("/v1/chat/completions", _upstream))
+    proxy = await serve(_config(up.url, api_keys=["sk-shared-0123456789abcdef"]))
+    auth = b"Authorization: Bearer sk-shared-0123456789abcdef\r\n" if key else b""
+    head = _head_of(_post(path, {"model": "m"}, extra=auth + b"Expect: 100-continue\r\n"))
+    answer = await _exchange(proxy.port, head)
+    assert _statuses(answer) == [status] and b"100 Continue" not in answer, answer
+    body = orjson.loads(answer.partition(b"\r\n\r\n")[2])
+    assert (body["type"] == "error") if path.startswith(b"/v1/messages") else ("error" in body)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "allow"),
+    [
+        (b"PUT /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", b"POST"),
+        (b"GET /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"POST"),
+        (b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n", b"GET"),
+    ],
+)
+async def test_a_405_says_which_methods_the_path_takes(
+    serve: Any, serve_routes: ServeRoutes, request_bytes: bytes, allow: bytes
+) -> None:
+    """RFC 9110: a 405 carries `Allow`; the JSON error that replaced aiohttp's answer dropped it."""
+    proxy = await _proxy(serve, serve_routes)
+    answer = await _exchange(
+        proxy.port, request_bytes + request_bytes.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n", 1)
+    )
+    assert _statuses(answer) == [405, 405], answer
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    allowed = re.search(rb"\r\nallow: ([^\r]*)", head)
+    assert allowed is not None and allow.lower() in allowed.group(1).split(b","), head
+
+
 async def test_chunk_extensions_count_toward_the_body_limit(serve: Any, serve_routes: ServeRoutes) -> None:
     proxy = await _proxy(serve, serve_routes, max_body_bytes=65536)
     body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
