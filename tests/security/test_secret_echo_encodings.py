@@ -146,6 +146,26 @@ async def _config(serve_routes: ServeRoutes, tmp_path: Path) -> dict[str, Any]:
     }
 
 
+async def echoed_error(url: str, content: str, stream: bool) -> tuple[str, str]:
+    """What a chat client sees of the upstream's error (its message and body) for `content`,
+    and the request's id."""
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=ROOT, max_retries=0)
+    request_id = ""
+    try:
+        with pytest.raises(openai.APIError) as err:
+            got = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": content}], stream=stream
+            )
+            request_id = got.response.headers["x-request-id"]  # type: ignore[union-attr]
+            async for _ in got:  # type: ignore[union-attr]
+                pass
+    finally:
+        await client.close()
+    response = getattr(err.value, "response", None)
+    seen = str(err.value) + (response.text if response is not None else "")
+    return seen, response.headers["x-request-id"] if response is not None else request_id
+
+
 @pytest.mark.parametrize("where", ["400", "500", "midstream"])
 @pytest.mark.parametrize("form", [*FORMS, *ESCAPED])
 async def test_an_upstream_echoing_the_key_encoded_gives_it_to_no_one(
@@ -153,21 +173,7 @@ async def test_an_upstream_echoing_the_key_encoded_gives_it_to_no_one(
 ) -> None:
     stream = where == "midstream"
     async with cost_proxy(await _config(serve_routes, tmp_path)) as proxy, aiohttp.ClientSession() as s:
-        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=ROOT, max_retries=0)
-        request_id = ""
-        try:
-            with pytest.raises(openai.APIError) as err:
-                got = await client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": f"{form}:{where}"}], stream=stream
-                )
-                request_id = got.response.headers["x-request-id"]  # type: ignore[union-attr]
-                async for _ in got:  # type: ignore[union-attr]
-                    pass
-        finally:
-            await client.close()
-        response = getattr(err.value, "response", None)
-        seen = str(err.value) + (response.text if response is not None else "")
-        request_id = response.headers["x-request-id"] if response is not None else request_id
+        seen, request_id = await echoed_error(proxy.url, f"{form}:{where}", stream)
 
         async def stored() -> str | None:
             status, body = await call(s, "GET", proxy.url + f"/admin/requests/{request_id}", ROOT)

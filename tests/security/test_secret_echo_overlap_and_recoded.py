@@ -30,7 +30,7 @@ from aiohttp import web
 from edgeroute import redact
 from tests.conftest import ServeRoutes, eventually
 from tests.security.governed import ROOT, call
-from tests.security.test_secret_echo_encodings import KEY, _config, json_logs
+from tests.security.test_secret_echo_encodings import KEY, _config, echoed_error, json_logs
 from tests.test_cost_support import cost_proxy
 
 __all__ = ["json_logs"]  # the fixture, used by name
@@ -122,21 +122,7 @@ async def test_an_upstream_echoing_the_key_gives_no_piece_of_it_to_anyone(
 ) -> None:
     stream = where == "midstream"
     async with cost_proxy(await _proxy_config(serve_routes, tmp_path)) as proxy, aiohttp.ClientSession() as s:
-        client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=ROOT, max_retries=0)
-        request_id = ""
-        try:
-            with pytest.raises(openai.APIError) as err:
-                got = await client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": f"{form}:{where}"}], stream=stream
-                )
-                request_id = got.response.headers["x-request-id"]  # type: ignore[union-attr]
-                async for _ in got:  # type: ignore[union-attr]
-                    pass
-        finally:
-            await client.close()
-        response = getattr(err.value, "response", None)
-        seen = str(err.value) + (response.text if response is not None else "")
-        request_id = response.headers["x-request-id"] if response is not None else request_id
+        seen, request_id = await echoed_error(proxy.url, f"{form}:{where}", stream)
         logged_request = await _stored(s, proxy.url, request_id)
     assert SAID.lower() in seen.lower(), seen  # the upstream's words reached the tenant, the key did not
     assert not exposes(seen), (FORMS[form](KEY), seen)
