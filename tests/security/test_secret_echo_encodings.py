@@ -146,6 +146,16 @@ async def _config(serve_routes: ServeRoutes, tmp_path: Path) -> dict[str, Any]:
     }
 
 
+async def logged(s: aiohttp.ClientSession, url: str, request_id: str) -> str:
+    """The request log's entry for `request_id`, as an admin reads it (JSON text)."""
+
+    async def stored() -> str | None:
+        status, body = await call(s, "GET", url + f"/admin/requests/{request_id}", ROOT)
+        return orjson.dumps(body).decode() if status == 200 else None
+
+    return await eventually(stored, "the request logged", within=10)
+
+
 async def echoed_error(url: str, content: str, stream: bool) -> tuple[str, str]:
     """What a chat client sees of the upstream's error (its message and body) for `content`,
     and the request's id."""
@@ -174,12 +184,7 @@ async def test_an_upstream_echoing_the_key_encoded_gives_it_to_no_one(
     stream = where == "midstream"
     async with cost_proxy(await _config(serve_routes, tmp_path)) as proxy, aiohttp.ClientSession() as s:
         seen, request_id = await echoed_error(proxy.url, f"{form}:{where}", stream)
-
-        async def stored() -> str | None:
-            status, body = await call(s, "GET", proxy.url + f"/admin/requests/{request_id}", ROOT)
-            return orjson.dumps(body).decode() if status == 200 else None
-
-        logged_request = await eventually(stored, "the request logged", within=10)
+        logged_request = await logged(s, proxy.url, request_id)
     assert SAID in seen, seen  # the upstream's words reached the tenant, the key did not
     assert not exposes(seen), (FORMS[form](KEY), seen)
     assert not exposes(json_logs.getvalue()), json_logs.getvalue()

@@ -28,9 +28,9 @@ import pytest
 from aiohttp import web
 
 from edgeroute import redact
-from tests.conftest import ServeRoutes, eventually
-from tests.security.governed import ROOT, call
-from tests.security.test_secret_echo_encodings import KEY, _config, echoed_error, json_logs
+from tests.conftest import ServeRoutes
+from tests.security.governed import ROOT
+from tests.security.test_secret_echo_encodings import KEY, _config, echoed_error, json_logs, logged
 from tests.test_cost_support import cost_proxy
 
 __all__ = ["json_logs"]  # the fixture, used by name
@@ -107,14 +107,6 @@ async def _proxy_config(serve_routes: ServeRoutes, tmp_path: Path) -> dict[str, 
     return cfg
 
 
-async def _stored(s: aiohttp.ClientSession, url: str, request_id: str) -> str:
-    async def stored() -> str | None:
-        status, body = await call(s, "GET", url + f"/admin/requests/{request_id}", ROOT)
-        return orjson.dumps(body).decode() if status == 200 else None
-
-    return await eventually(stored, "the request logged", within=10)
-
-
 @pytest.mark.parametrize("where", ["400", "500", "midstream"])
 @pytest.mark.parametrize("form", list(FORMS))
 async def test_an_upstream_echoing_the_key_gives_no_piece_of_it_to_anyone(
@@ -123,7 +115,7 @@ async def test_an_upstream_echoing_the_key_gives_no_piece_of_it_to_anyone(
     stream = where == "midstream"
     async with cost_proxy(await _proxy_config(serve_routes, tmp_path)) as proxy, aiohttp.ClientSession() as s:
         seen, request_id = await echoed_error(proxy.url, f"{form}:{where}", stream)
-        logged_request = await _stored(s, proxy.url, request_id)
+        logged_request = await logged(s, proxy.url, request_id)
     assert SAID.lower() in seen.lower(), seen  # the upstream's words reached the tenant, the key did not
     assert not exposes(seen), (FORMS[form](KEY), seen)
     assert not exposes(json_logs.getvalue()), json_logs.getvalue()
