@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from edgeroute.accounting import AttemptRecord, RequestRecord, Usage
+from edgeroute.cost import spend_once
 from edgeroute.cost.control import crashed
 from edgeroute.cost.ledger import Ledger
 from edgeroute.cost.ledger_store import Backend, Batch, PostgresBackend, SqliteBackend
@@ -184,3 +185,23 @@ def test_the_unique_index_serves_a_reservation_s_lookup(tmp_path: Path) -> None:
     )
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert "spend_request_once" in plan and "spend_request" not in names, (plan, names)
+
+
+def test_a_refusal_that_names_none_of_the_batch_keeps_it_for_later(tmp_path: Path) -> None:
+    """A store that says rows are recorded already but names none of the batch's (a bug, or a
+    schema another release changed) is a failing write: the batch is kept and the ledger says
+    it is failing, not a writer thread that loops on the same batch for ever."""
+
+    class Confused(SqliteBackend):
+        def write(self, batch: Batch, rest: Callable[[], None] = never) -> None:
+            raise spend_once.AlreadyRecorded({"not-a-row-of-this-batch"})
+
+    ledger = Ledger(Confused(str(tmp_path / "l.db")), flush_interval=3600)
+    ledger.close_timeout = 0.1
+    try:
+        ledger.record(_real("req-confused"))
+        assert ledger.flush() == 0
+        assert ledger.failing_since is not None and ledger.queue_depth() == 1
+    finally:
+        ledger.close()
+    assert ledger.lost_at_close == 1

@@ -500,7 +500,10 @@ class Ledger:
                             " request's own); this %s row ($%.6f) is not written, so the request counts once",
                             p.rec.request_id, p.rec.outcome, p.rec.cost_usd,
                         )  # fmt: skip
-                held.pending = [p for p in held.pending if p.row[-1] not in e.row_ids]
+                left = [p for p in held.pending if p.row[-1] not in e.row_ids]
+                if len(left) == len(held.pending):  # named none of the batch's rows: never loop on it
+                    raise
+                held.pending = left
 
     def _note_minutes(self, pending: list[_Pending]) -> None:
         if pending:
